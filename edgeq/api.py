@@ -1,0 +1,322 @@
+"""The Python API behind every CLI command.
+
+Data flows one way: load -> canonicalise -> calibrate -> passes (from the profile) -> save -> check -> validate ->
+report. Each function validates its inputs before doing work and never modifies the input model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgeq.calibration.calibrate import calibrate as run_calibration, graph_fingerprint, progress_printer
+from edgeq.calibration.data import model_inputs, open_dataset
+from edgeq.calibration.stats import CalibrationStats
+from edgeq.errors import CalibrationDataError, EdgeqError, UnsupportedModelError
+from edgeq.ir import to_graph, to_model
+from edgeq.model_io import check_output_path, default_opset, ensure_opset, load_model, model_size_bytes, save_model
+from edgeq.pass_base import PassContext, PassManager, make_pass
+from edgeq.profiles import TargetProfile, Thresholds, load_profile
+from edgeq.quant_math import required_opset
+from edgeq.report import SCHEMA, sha256_file, tool_versions, write_report
+
+log = logging.getLogger(__name__)
+
+CANONICAL_PASSES = ("infer_shapes", "fold_constants", "remove_identity", "fold_batchnorm", "infer_shapes")
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    report: dict
+    passed: bool | None  # None when no evaluation data was given
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.report["skipped"]
+
+
+def resolve_profile(target: str | Path | TargetProfile, *, min_cosine: float | None = None,
+                    min_sqnr: float | None = None) -> TargetProfile:
+    profile = target if isinstance(target, TargetProfile) else load_profile(target)
+    thr = profile.thresholds
+    if min_cosine is not None:
+        thr = dataclasses.replace(thr, min_cosine=min_cosine)
+    if min_sqnr is not None:
+        thr = dataclasses.replace(thr, min_sqnr_db=min_sqnr)
+    return dataclasses.replace(profile, thresholds=thr)
+
+
+def canonicalize(model: onnx.ModelProto, *, dump_dir: Path | None = None) -> tuple[onnx.ModelProto, PassManager]:
+    """Shape inference, constant folding, Identity/Dropout removal and BatchNorm folding (all exact)."""
+    graph = to_graph(model)
+    manager = PassManager(dump_dir=dump_dir)
+    manager.run(graph, [make_pass(n) for n in CANONICAL_PASSES], PassContext())
+    return to_model(graph, model), manager
+
+
+def quantize_opset(profile: TargetProfile, model: onnx.ModelProto) -> int:
+    need = max(profile.min_opset, required_opset(profile.activations.dtype) if profile.placement.mode != "weights"
+               else 0, required_opset(profile.weights.dtype))
+    if profile.weights.block_size:
+        need = max(need, 21)
+    for ov in profile.overrides:
+        if ov.precision in ("int16", "uint16"):
+            need = max(need, 21)
+    return max(need, default_opset(model))
+
+
+def calibrate(model: str | Path | onnx.ModelProto, calib: Any, *, stats_out: str | Path | None = None,
+              preprocess: str | Path | None = None, max_samples: int | None = None, progress: bool = False,
+              tensors: list[str] | None = None) -> CalibrationStats:
+    """Run calibration alone (``edgeq calibrate``); returns (and optionally saves) the statistics."""
+    m = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    data = open_dataset(calib, model_inputs(m), preprocess=preprocess, limit=max_samples)
+    total = data.length
+    stats = run_calibration(m, data, tensors=tensors, total=total, data_fingerprint=_data_hash(calib),
+                            progress=progress_printer("calibrating") if progress else None)
+    if stats_out is not None:
+        stats.save(stats_out)
+    return stats
+
+
+def _data_hash(calib: Any) -> str:
+    if isinstance(calib, (str, Path)) and Path(calib).exists():
+        return sha256_file(calib) or ""
+    return str(calib) if isinstance(calib, str) else ""
+
+
+def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: Any, output: str | Path,
+             eval_data: Any = None, report: str | Path | None = None, stats: str | Path | None = None,
+             preprocess: str | Path | None = None, max_calib_samples: int | None = None,
+             min_cosine: float | None = None, min_sqnr: float | None = None, progress: bool = False,
+             dump_dir: str | Path | None = None, latency_runs: int = 20, precision_plan: Any = None,
+             check: bool = True, seed: int = 0) -> QuantizeResult:
+    """Quantize ``model`` for ``target`` using ``calib`` data; validate on ``eval_data`` when given."""
+    t0 = time.perf_counter()
+    profile = resolve_profile(target, min_cosine=min_cosine, min_sqnr=min_sqnr)
+    out = check_output_path(output, model)
+    if report is not None:
+        check_output_path(report, model)
+    original = load_model(model)
+    inputs = model_inputs(original)
+    calib_data = open_dataset(calib, inputs, preprocess=preprocess, limit=max_calib_samples)
+    eval_ds = open_dataset(eval_data, inputs, preprocess=preprocess, what="evaluation data") \
+        if eval_data is not None else None
+    if eval_ds is not None and calib_data.fingerprint and calib_data.fingerprint == eval_ds.fingerprint:
+        log.warning("evaluation data is the calibration data: fidelity will look better than it is")
+    if profile.static_shapes:
+        _require_static(original, profile)
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    canonical, canon_manager = canonicalize(original, dump_dir=Path(dump_dir) / "canonical" if dump_dir else None)
+    canonical = ensure_opset(canonical, quantize_opset(profile, canonical),
+                             why=f"the {profile.name} profile ({profile.activations.dtype} activations, "
+                                 f"{profile.weights.dtype} weights, per-channel)")
+    timings["canonicalize_s"] = time.perf_counter() - start
+
+    manager = PassManager(dump_dir=Path(dump_dir) if dump_dir else None)
+    graph_passes = [make_pass(s.name, s.options, source=profile.source) for s in profile.passes]
+    calib_stats: CalibrationStats | None = None
+    start = time.perf_counter()
+    if graph_passes:
+        needs = any(getattr(p, "needs_stats", False) for p in graph_passes)
+        pre_stats = None
+        if needs:
+            pre_stats = run_calibration(canonical, calib_data, total=calib_data.length,
+                                        per_channel=_channel_tensors(canonical),
+                                        progress=progress_printer("calibrating (pre-pass)") if progress else None)
+        graph = to_graph(canonical)
+        manager.run(graph, graph_passes, PassContext(profile=profile, stats=pre_stats, precision=precision_plan))
+        canonical = to_model(graph, canonical)
+    timings["graph_passes_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    fingerprint = graph_fingerprint(canonical)
+    if stats is not None and Path(stats).exists():
+        calib_stats = CalibrationStats.load(stats)
+        if calib_stats.model_fingerprint != fingerprint:
+            raise CalibrationDataError(f"statistics file {stats} was computed for a different model or profile; "
+                                       f"delete it or choose another --stats path to recalibrate")
+    else:
+        calib_stats = run_calibration(canonical, calib_data, total=calib_data.length,
+                                      data_fingerprint=_data_hash(calib),
+                                      progress=progress_printer("calibrating") if progress else None)
+        if stats is not None:
+            calib_stats.save(stats)
+    timings["calibrate_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    graph = to_graph(canonical)
+    manager.run(graph, [make_pass("insert_qdq")],
+                PassContext(profile=profile, stats=calib_stats, precision=precision_plan))
+    qmodel = to_model(graph, original)
+    timings["insert_qdq_s"] = time.perf_counter() - start
+    save_model(qmodel, out, inputs=(model,))
+
+    lint = None
+    if check:
+        from edgeq.lint import check_model as lint_model
+
+        lint = lint_model(qmodel, profile)
+    records = canon_manager.records + manager.records
+    rep: dict[str, Any] = {
+        "schema": SCHEMA,
+        "command": "quantize",
+        "passed": None,
+        "model": {"path": str(model), "sha256": sha256_file(model), "size_bytes": model_size_bytes(model),
+                  "opset": default_opset(original)},
+        "output": {"path": str(out), "sha256": sha256_file(out), "size_bytes": model_size_bytes(out),
+                   "opset": default_opset(qmodel)},
+        "profile": {**profile.to_dict(), "source": profile.source},
+        "profile_sha256": _profile_hash(profile),
+        "calibration": {"samples": calib_stats.samples, "data_sha256": calib_stats.data_fingerprint or None,
+                        "observer": profile.activations.observer},
+        "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed, "rewrites": r.rewrites,
+                    "notes": r.notes} for r in records],
+        "skipped": [{"pass": s.pass_name, "target": s.target, "reason": s.reason} for r in records for s in r.skipped],
+        "quantization": quantization_summary(qmodel),
+        "lint": lint.as_dict() if lint is not None else None,
+        "timings": timings,
+        "seed": seed,
+        "versions": tool_versions(),
+    }
+    passed = None
+    if eval_ds is not None:
+        from edgeq.validate import compare
+
+        start = time.perf_counter()
+        val = compare(model, out, eval_ds, thresholds=profile.thresholds, latency_runs=latency_runs,
+                      progress=progress_printer("validating") if progress else None, total=eval_ds.length)
+        timings["validate_s"] = time.perf_counter() - start
+        rep["validation"] = val.as_dict()
+        rep["eval_data_sha256"] = _data_hash(eval_data) or None
+        passed = val.passed
+        rep["passed"] = passed
+    timings["total_s"] = time.perf_counter() - t0
+    if report is not None:
+        write_report(rep, report)
+    return QuantizeResult(output=out, report=rep, passed=passed)
+
+
+def _profile_hash(profile: TargetProfile) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(profile.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _channel_tensors(model: onnx.ModelProto) -> list[str]:
+    """Activation inputs of MatMul/Gemm/Conv (SmoothQuant needs their per-channel ranges)."""
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and n.input and n.input[0] not in inits:
+            out.append(n.input[0])
+    return out
+
+
+def _require_static(model: onnx.ModelProto, profile: TargetProfile) -> None:
+    dynamic = []
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            dynamic.append(vi.name)
+    if dynamic:
+        log.info("profile %s wants static shapes; inputs %s are dynamic (calibration shapes are used; "
+                 "fix them with 'edgeq compile --input-shape' for the device)", profile.name, ", ".join(dynamic))
+
+
+def quantization_summary(model: onnx.ModelProto) -> dict:
+    """Counts of quantized compute ops and Q/DQ nodes, by dtype and granularity."""
+    from edgeq.inspect import quantized_tensors
+
+    q = quantized_tensors(model)
+    compute = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def fed_by_dq(name: str) -> bool:
+        p = producers.get(name)
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    int8_compute = [n for n in compute if len(n.input) > 1 and fed_by_dq(n.input[0]) and fed_by_dq(n.input[1])]
+    weight_only = [n for n in compute if len(n.input) > 1 and fed_by_dq(n.input[1]) and not fed_by_dq(n.input[0])]
+    return {"compute_ops": len(compute), "compute_ops_quantized": len(int8_compute),
+            "compute_ops_weight_only": len(weight_only),
+            "quantized_compute_fraction": len(int8_compute) / len(compute) if compute else None,
+            "float_compute_ops": [f"{n.op_type} {n.name}" for n in compute if n not in int8_compute
+                                  and n not in weight_only],
+            "quantize_nodes": sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear"),
+            "dequantize_nodes": sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear"),
+            "tensors": q}
+
+
+def validate(reference: str | Path, candidate: str | Path, *, data: Any, target: str | Path | None = None,
+             report: str | Path | None = None, backend: str = "ort", min_cosine: float | None = None,
+             min_sqnr: float | None = None, preprocess: str | Path | None = None, latency_runs: int = 20,
+             soc: str | None = None, progress: bool = False):
+    """Compare ``candidate`` with ``reference`` on ``data``; ``result.passed`` says whether thresholds hold."""
+    from edgeq.validate import compare
+
+    profile = resolve_profile(target or "tensorrt", min_cosine=min_cosine, min_sqnr=min_sqnr) if target else None
+    thresholds = profile.thresholds if profile else Thresholds()
+    if min_cosine is not None or min_sqnr is not None:
+        thresholds = dataclasses.replace(thresholds, **{k: v for k, v in (("min_cosine", min_cosine),
+                                                                          ("min_sqnr_db", min_sqnr)) if v is not None})
+    if report is not None:
+        check_output_path(report, reference, candidate)
+    ref = load_model(reference)
+    load_model(candidate, check=False)
+    ds = open_dataset(data, model_inputs(ref), preprocess=preprocess, what="evaluation data")
+    result = compare(reference, candidate, ds, thresholds=thresholds, backend=backend, latency_runs=latency_runs,
+                     soc=soc, progress=progress_printer("validating") if progress else None, total=ds.length)
+    rep = {"schema": SCHEMA, "command": "validate", "passed": result.passed,
+           "reference": {"path": str(reference), "sha256": sha256_file(reference)},
+           "candidate": {"path": str(candidate), "sha256": sha256_file(candidate)},
+           "profile": profile.to_dict() if profile else None, "validation": result.as_dict(),
+           "data_sha256": _data_hash(data) or None, "versions": tool_versions()}
+    if report is not None:
+        write_report(rep, report)
+    result.report = rep  # type: ignore[attr-defined]
+    return result
+
+
+def inspect_model(model: str | Path) -> dict:
+    from edgeq.inspect import describe
+
+    return describe(model)
+
+
+def check(model: str | Path, *, target: str | Path | TargetProfile):
+    from edgeq.lint import check_model as lint_model
+
+    profile = resolve_profile(target)
+    return lint_model(load_model(model, check=False), profile, path=str(model))
+
+
+def compile_model(model: str | Path, *, target: str | Path | TargetProfile, output: str | Path, **options):
+    from edgeq.compile import compile_for_target
+
+    profile = resolve_profile(target)
+    return compile_for_target(Path(model), profile, Path(output), **options)
+
+
+def demo(*, output_dir: str | Path | None = None, target: str = "tensorrt", progress: bool = False) -> dict:
+    """The whole job on the bundled digits example: quantize, validate, compare accuracy and size."""
+    from edgeq.demo import run_demo
+
+    return run_demo(output_dir=output_dir, target=target, progress=progress)
+
+
+__all__ = ["quantize", "validate", "inspect_model", "check", "compile_model", "calibrate", "demo",
+           "QuantizeResult", "UnsupportedModelError", "EdgeqError"]

@@ -1,0 +1,1 @@
+"""Calibration: reading representative data, observing activation ranges, and saving the statistics."""

@@ -1,0 +1,142 @@
+"""The calibration stage: run the float model on representative data and observe tensor ranges.
+
+The model is run in ONNX Runtime (CPU) with the observed tensors exposed as extra outputs; each sample's values
+update streaming observers and are then dropped, so memory does not grow with the number of samples and samples
+of different shapes work. Passes never run models; they receive the resulting :class:`CalibrationStats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from edgeq.calibration.observers import TensorObserver
+from edgeq.calibration.stats import CalibrationStats
+from edgeq.errors import CalibrationDataError, ModelLoadError
+from edgeq.model_io import EXTERNAL_DATA_THRESHOLD
+
+log = logging.getLogger(__name__)
+
+
+def observable_tensors(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs and every node output in the main graph (dtype filtering happens on the values)."""
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        names.extend(o for o in node.output if o)
+    seen, out = set(), []
+    for n in names:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def make_session(model: onnx.ModelProto | str | Path, *, outputs: Iterable[str] = (), threads: int = 0,
+                 optimize: bool = True, providers: list | None = None):
+    """An ORT CPU session over ``model`` with extra graph outputs; handles models over 2 GB via a temp file."""
+    import onnxruntime as ort
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=True)
+    extra = [o for o in outputs if o not in {x.name for x in model.graph.output}]
+    if extra:
+        clone = onnx.ModelProto()
+        clone.CopyFrom(model)
+        clone.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+        model = clone
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="edgeq-session-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"ONNX Runtime cannot load the model: {msg}") from None
+
+
+def calibrate(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]], *,
+              tensors: list[str] | None = None, per_channel: Iterable[str] = (),
+              progress: Callable[[int, int | None], None] | None = None, total: int | None = None,
+              data_fingerprint: str = "") -> CalibrationStats:
+    """Observe ``tensors`` (default: all) of ``model`` over ``data``; returns streaming statistics."""
+    names = tensors if tensors is not None else observable_tensors(model)
+    per_channel = set(per_channel)
+    session = make_session(model, outputs=names)
+    out_names = [o.name for o in session.get_outputs()]
+    observers = {n: TensorObserver(per_channel=n in per_channel) for n in out_names}
+    count = 0
+    start = time.perf_counter()
+    for feed in data:
+        try:
+            values = session.run(None, feed)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0][:300]
+            raise CalibrationDataError(f"running the model on calibration sample {count} failed: {msg}") from None
+        for name, value in zip(out_names, values):
+            if isinstance(value, np.ndarray):
+                observers[name].update(value)
+        del values
+        count += 1
+        if progress:
+            progress(count, total)
+    if count == 0:
+        raise CalibrationDataError("calibration data contains no samples")
+    log.info("calibrated %d tensors on %d samples in %.1fs", len(observers), count, time.perf_counter() - start)
+    return CalibrationStats(tensors=observers, samples=count, model_fingerprint=graph_fingerprint(model),
+                            data_fingerprint=data_fingerprint)
+
+
+def graph_fingerprint(model: onnx.ModelProto) -> str:
+    """A hash of the graph's structure (node ops and tensor names), used to check that saved stats fit a model."""
+    h = hashlib.sha256()
+    for node in model.graph.node:
+        h.update(node.op_type.encode())
+        for t in list(node.input) + list(node.output):
+            h.update(t.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def progress_printer(label: str, stream=None) -> Callable[[int, int | None], None]:
+    """A minimal progress bar on stderr (only when it is a terminal, or every 10% otherwise)."""
+    stream = stream or sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    state = {"last": -1}
+
+    def update(done: int, total: int | None) -> None:
+        if total:
+            pct = int(100 * done / total)
+            if tty:
+                bar = "#" * (pct // 4)
+                stream.write(f"\r{label} [{bar:<25}] {done}/{total}")
+                if done == total:
+                    stream.write("\n")
+                stream.flush()
+            elif pct // 10 != state["last"] // 10 or done == total:
+                state["last"] = pct
+                stream.write(f"{label}: {done}/{total}\n")
+        elif tty:
+            stream.write(f"\r{label}: {done}")
+            stream.flush()
+
+    return update

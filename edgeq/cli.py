@@ -1,0 +1,275 @@
+"""The ``edgeq`` command line: a thin layer over :mod:`edgeq.api`.
+
+Exit codes: 0 success / within thresholds, 1 a validation or legality check failed, 2 bad input or usage,
+130 interrupted. User errors print one line (``error: ...``); ``--verbose`` shows tracebacks and debug logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from edgeq.errors import EdgeqError
+
+_STATE = {"verbose": False}
+
+
+def _fail_usage(msg: str) -> None:
+    raise click.UsageError(msg)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.version_option(package_name="edgeq", message="edgeq %(version)s")
+def cli(verbose: bool) -> None:
+    """Quantize ONNX models for TensorRT, QNN and Core ML, and validate them against FP32."""
+    _STATE["verbose"] = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _thresholds_table(rep: dict) -> str:
+    from edgeq.report import summary_table
+
+    return summary_table(rep["validation"])
+
+
+def _print_quantize(rep: dict) -> None:
+    q = rep["quantization"]
+    out = rep["output"]
+    click.echo(f"wrote {out['path']}  ({rep['model']['size_bytes'] / 1e6:.2f} MB -> {out['size_bytes'] / 1e6:.2f} MB, "
+               f"opset {out['opset']})")
+    frac = q["quantized_compute_fraction"]
+    click.echo(f"quantized {q['compute_ops_quantized']}/{q['compute_ops']} Conv/MatMul/Gemm"
+               f"{f' ({frac:.0%})' if frac is not None else ''}, {q['quantize_nodes']} activation Q/DQ, "
+               f"{q['dequantize_nodes'] - q['quantize_nodes']} weight DQ; {len(rep['skipped'])} skipped "
+               f"(see report)")
+    if rep.get("lint") and rep["lint"]["errors"]:
+        click.echo(f"check: {rep['lint']['errors']} legality errors for {rep['lint']['target']} "
+                   f"(run 'edgeq check')")
+    if "validation" in rep:
+        v = rep["validation"]
+        click.echo(_thresholds_table(rep))
+        lat = v.get("latency_ms") or {}
+        if lat:
+            click.echo(f"latency (ORT CPU, median): fp32 {lat['reference']['median']:.2f} ms, "
+                       f"quantized {lat['candidate']['median']:.2f} ms")
+        click.echo("PASSED" if v["passed"] else "FAILED: " + "; ".join(v["failures"]))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", required=True, help="Built-in target name (edgeq targets) or a profile .yaml.")
+@click.option("--calib", required=True, help="Calibration data: .npz, folder of .npz, folder of images, or module:function.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .onnx path.")
+@click.option("--eval", "eval_data", default=None, help="Evaluation data (kept apart from calibration).")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--stats", type=click.Path(path_type=Path), default=None,
+              help="Calibration statistics file: reused if it exists, written otherwise.")
+@click.option("--preprocess", type=click.Path(path_type=Path), default=None, help="Image preprocessing YAML.")
+@click.option("--max-calib-samples", type=click.IntRange(min=1), default=None)
+@click.option("--min-cosine", type=float, default=None, help="Override the profile's cosine threshold.")
+@click.option("--min-sqnr", type=float, default=None, help="Override the profile's SQNR threshold (dB).")
+@click.option("--keep-float", multiple=True, help="Keep nodes in float: an op type (Softmax) or a node name.")
+@click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the graph after each pass.")
+def quantize(model, target, calib, output, eval_data, report, stats, preprocess, max_calib_samples, min_cosine,
+             min_sqnr, keep_float, dump_dir):
+    """Canonicalise, calibrate, insert Q/DQ for TARGET, save, check, and validate when --eval is given."""
+    import dataclasses
+
+    from edgeq import api
+    from edgeq.profiles import Override
+
+    profile = api.resolve_profile(target)
+    if keep_float:
+        extra = tuple(Override(op_type=k, precision="float") if k[:1].isupper() and "/" not in k
+                      else Override(node=k, precision="float") for k in keep_float)
+        profile = dataclasses.replace(profile, overrides=profile.overrides + extra)
+    result = api.quantize(model, target=profile, calib=calib, output=output, eval_data=eval_data, report=report,
+                          stats=stats, preprocess=preprocess, max_calib_samples=max_calib_samples,
+                          min_cosine=min_cosine, min_sqnr=min_sqnr, progress=True, dump_dir=dump_dir)
+    _print_quantize(result.report)
+    if result.passed is False:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Evaluation data (same formats as --calib).")
+@click.option("-t", "--target", default=None, help="Take thresholds from this target profile.")
+@click.option("--report", type=click.Path(path_type=Path), default=None)
+@click.option("--backend", type=click.Choice(["ort", "qnn", "coreml", "tensorrt"]), default="ort",
+              help="Where the candidate runs (ort = exact QDQ simulation on CPU).")
+@click.option("--soc", default=None, help="QNN: SoC model / HTP architecture for --backend qnn.")
+@click.option("--min-cosine", type=float, default=None)
+@click.option("--min-sqnr", type=float, default=None)
+@click.option("--preprocess", type=click.Path(path_type=Path), default=None)
+def validate(reference, candidate, data, target, report, backend, soc, min_cosine, min_sqnr, preprocess):
+    """Compare CANDIDATE with REFERENCE; exit 0 within thresholds, 1 outside, 2 on bad input."""
+    from edgeq import api
+    from edgeq.report import summary_table
+
+    result = api.validate(reference, candidate, data=data, target=target, report=report, backend=backend,
+                          min_cosine=min_cosine, min_sqnr=min_sqnr, preprocess=preprocess, soc=soc, progress=True)
+    click.echo(summary_table(result.as_dict()))
+    lat = result.latency_ms
+    if lat:
+        click.echo(f"latency median: reference {lat['reference']['median']:.2f} ms, "
+                   f"candidate {lat['candidate']['median']:.2f} ms ({backend})")
+    click.echo("PASSED" if result.passed else "FAILED: " + "; ".join(result.failures))
+    sys.exit(0 if result.passed else 1)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--tensors", is_flag=True, help="List every quantized tensor.")
+def inspect(model, as_json, tensors):
+    """Opset, inputs/outputs, op histogram, size, and which tensors are quantized."""
+    from edgeq.inspect import describe, format_description
+
+    d = describe(model)
+    click.echo(json.dumps(d, indent=2) if as_json else format_description(d, all_tensors=tensors))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", required=True)
+@click.option("--json", "as_json", is_flag=True)
+def check(model, target, as_json):
+    """Check that MODEL is legal for TARGET; exit 0 when legal, 1 otherwise."""
+    from edgeq import api
+    from edgeq.lint import format_result
+
+    result = api.check(model, target=target)
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_result(result))
+    sys.exit(0 if result.passed else 1)
+
+
+@cli.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", required=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("--soc", default=None, help="QNN: SoC model or HTP architecture (e.g. 60, v73).")
+@click.option("--backend", "backend_name", default=None, type=click.Choice(["tensorrt", "qnn", "coreml", "ort"]),
+              help="Override the profile's compile backend (ort = ORT Mobile .ort file).")
+@click.option("--input-shape", "input_shapes", multiple=True, help="name=1,3,224,224 to fix a dynamic input.")
+def compile_cmd(model, target, output, soc, backend_name, input_shapes):
+    """Compile a quantized model for its target (QNN context binary, Core ML package, TensorRT engine, .ort)."""
+    from edgeq import api
+
+    shapes = {}
+    for spec in input_shapes:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            _fail_usage(f"--input-shape {spec!r}: expected name=1,3,224,224")
+        if not name or not dims:
+            _fail_usage(f"--input-shape {spec!r}: expected name=1,3,224,224")
+    result = api.compile_model(model, target=target, output=output, soc=soc, backend=backend_name,
+                               input_shapes=shapes or None)
+    for line in result.get("summary", []):
+        click.echo(line)
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def targets(ctx):
+    """List the built-in target profiles (or 'targets show NAME')."""
+    if ctx.invoked_subcommand is None:
+        from edgeq.profiles import list_targets
+
+        for p in list_targets():
+            click.echo(f"{p.name:<12} {p.description}")
+
+
+@targets.command("show")
+@click.argument("name")
+def targets_show(name):
+    """Print the resolved profile NAME (built-in or a YAML path) as YAML."""
+    from edgeq.profiles import load_profile, profile_yaml
+
+    click.echo(profile_yaml(load_profile(name)), nl=False)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", required=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Statistics file (.npz).")
+@click.option("--preprocess", type=click.Path(path_type=Path), default=None)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None)
+def calibrate(model, calib, output, preprocess, max_samples):
+    """Run calibration alone and save the statistics for reuse (quantize --stats FILE)."""
+    from edgeq import api
+    from edgeq.model_io import check_output_path
+
+    check_output_path(output, model)
+    stats = api.calibrate(model, calib, stats_out=output, preprocess=preprocess, max_samples=max_samples,
+                          progress=True)
+    click.echo(f"wrote {output}: {len(stats.tensors)} tensors over {stats.samples} samples")
+
+
+@cli.command()
+@click.option("-t", "--target", default="tensorrt", show_default=True)
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the quantized model and report here.")
+def demo(target, output_dir):
+    """Quantize and validate the bundled digits CNN, showing FP32 vs INT8 accuracy and size."""
+    from edgeq import api
+
+    rep = api.demo(output_dir=output_dir, target=target, progress=True)
+    d = rep["demo"]
+    click.echo(f"edgeq demo: digits CNN (scikit-learn digits, {rep['validation']['samples']} held-out images), "
+               f"target {target}")
+    _print_quantize(rep)
+    click.echo(f"accuracy  fp32 {d['fp32_accuracy']:.4f}  int8 {d['int8_accuracy']:.4f}")
+    click.echo(f"size      fp32 {d['fp32_size_bytes'] / 1024:.1f} KiB  int8 {d['int8_size_bytes'] / 1024:.1f} KiB")
+    if not rep["passed"]:
+        sys.exit(1)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except EdgeqError as exc:
+        if _STATE["verbose"]:
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; no output was written", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("error: out of memory", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if _STATE["verbose"]:
+            raise
+        click.echo(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", err=True)
+        sys.exit(2)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,105 @@
+"""Helpers over onnx-graphsurgeon, edgeq's graph IR.
+
+Passes work on a :class:`gs.Graph`. These helpers answer the questions every pass asks: is this tensor a constant,
+who produces and consumes it, what is its dtype; and they convert between ``onnx.ModelProto`` and ``gs.Graph``
+while keeping what graphsurgeon does not carry (metadata_props, producer, model doc string).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+FLOAT_DTYPES = (np.float32, np.float16, np.float64)
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    if template is not None:
+        model.ir_version = max(model.ir_version, template.ir_version)
+        model.producer_name = template.producer_name or "edgeq"
+        model.producer_version = template.producer_version
+        model.model_version = template.model_version
+        model.doc_string = template.doc_string
+        model.domain = template.domain
+        del model.metadata_props[:]
+        model.metadata_props.extend(template.metadata_props)
+        have = {imp.domain for imp in model.opset_import}
+        for imp in template.opset_import:
+            if imp.domain not in have:
+                model.opset_import.append(imp)
+    return model
+
+
+def is_constant(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node output), else None."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        attr = t.inputs[0].attrs.get("value")
+        if isinstance(attr, gs.Constant):
+            return np.asarray(attr.values)
+    return None
+
+
+def tensor_dtype(t: gs.Tensor):
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values).dtype if not hasattr(t.values, "dtype") else np.dtype(t.values.dtype)
+    if t.dtype is None:
+        return None
+    try:
+        return np.dtype(t.dtype)
+    except TypeError:
+        return None
+
+
+def is_float(t: gs.Tensor) -> bool:
+    dt = tensor_dtype(t)
+    return dt is not None and dt in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if t.inputs else None
+
+
+def consumers(t: gs.Tensor) -> list[gs.Node]:
+    return list(t.outputs)
+
+
+def node_label(node: gs.Node) -> str:
+    return f"{node.op} {node.name or '<unnamed>'}"
+
+
+def name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique name (passes and reports refer to nodes by name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    taken = graph.tensors().keys() | {n.name for n in graph.nodes}
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
+def opset(graph: gs.Graph) -> int:
+    return int(graph.opset)

@@ -1,0 +1,241 @@
+"""Reading and writing ONNX models safely.
+
+Loading checks the file before anything else runs (missing, not ONNX, truncated, opset too old, missing external
+data) and raises :class:`ModelLoadError` with a one-line reason. Saving is atomic: the model is written to a temporary
+file in the destination directory and renamed into place, so an interrupted run never leaves a partial output, and
+an output equal to the input is refused. Models whose weights exceed protobuf's 2 GB limit are written with external
+data next to the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from edgeq.errors import ModelLoadError, OutputError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 11
+PROTOBUF_LIMIT = 2**31 - 1
+# Leave headroom under the 2 GB protobuf limit for the graph structure itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True, check: bool = True) -> onnx.ModelProto:
+    """Load and sanity-check an ONNX model; every failure is a :class:`ModelLoadError` naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model file not found: {p}")
+    if p.is_dir():
+        raise ModelLoadError(f"{p} is a directory, expected an .onnx file")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"{p} is empty (0 bytes), expected an ONNX model")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError, TypeError) as exc:
+        raise ModelLoadError(f"{p} is not a valid ONNX model (truncated or corrupt protobuf?): {_first_line(exc)}")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {p}: {exc.strerror or exc}")
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelLoadError(f"{p} does not contain an ONNX graph (is it really an .onnx model?)")
+    opset = default_opset(model)
+    if opset == 0:
+        raise ModelLoadError(f"{p} declares no default-domain opset; not a usable ONNX model")
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{p} uses opset {opset}; edgeq needs opset >= {MIN_OPSET}. Re-export the model with a newer opset "
+            f"(e.g. torch.onnx.export(..., opset_version=17))"
+        )
+    _check_external_files(model, p)
+    if load_external_data:
+        try:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load external data for {p}: {_first_line(exc)}")
+    if check:
+        check_model(model, p)
+    return model
+
+
+def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    missing: set[str] = set()
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            loc = info.get("location", "")
+            target = (path.parent / loc).resolve()
+            if not loc or not target.is_file():
+                missing.add(loc or "<no location>")
+            elif path.parent.resolve() not in target.parents and target.parent != path.parent.resolve():
+                raise ModelLoadError(f"{path}: external data location {loc!r} points outside the model's folder")
+    if missing:
+        raise ModelLoadError(
+            f"{path}: external data file(s) not found next to the model: {', '.join(sorted(missing))}"
+        )
+
+
+def check_model(model: onnx.ModelProto, path: Path | str = "<model>") -> None:
+    """Structural check (dangling inputs, cycles, bad attributes) with a one-line error."""
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model)
+        else:  # the checker cannot serialise >2 GB; check the graph structure without weights
+            onnx.checker.check_model(_strip_weights(model))
+    except onnx.checker.ValidationError as exc:
+        raise ModelLoadError(f"{path} is not a valid ONNX graph: {_first_line(exc)}")
+    except ValueError as exc:
+        raise ModelLoadError(f"{path} is not a valid ONNX graph: {_first_line(exc)}")
+
+
+def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    for init in clone.graph.initializer:
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        del init.external_data[:]
+        entry = init.external_data.add()
+        entry.key, entry.value = "location", "stripped"
+    return clone
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def ensure_opset(model: onnx.ModelProto, required: int, *, why: str) -> onnx.ModelProto:
+    """Return ``model`` at opset >= ``required`` (converting it), or raise UnsupportedModelError."""
+    current = default_opset(model)
+    if current >= required:
+        return model
+    log.info("upgrading opset %d -> %d (%s)", current, required, why)
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(model, required)
+    except Exception as exc:  # the converter raises assorted errors for unconvertible ops
+        raise UnsupportedModelError(
+            f"{why} needs opset {required} but the model is opset {current} and could not be upgraded "
+            f"automatically ({_first_line(exc)}); re-export it at opset {required} or newer"
+        ) from None
+    for src, dst in ((model.metadata_props, converted.metadata_props),):
+        if not dst:
+            dst.extend(src)
+    return converted
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+    except OSError:
+        pass
+    return pa.resolve() == pb.resolve()
+
+
+def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Validate an output path before any work is done: not an input, directory exists and is writable."""
+    out = Path(output)
+    for inp in inputs:
+        if inp is not None and same_file(out, inp):
+            raise OutputError(f"output {out} is the same file as the input model; choose another -o path "
+                              f"(edgeq never overwrites its input)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise OutputError(f"output directory does not exist: {parent}")
+    if not parent.is_dir():
+        raise OutputError(f"output parent {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory is not writable: {parent}")
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory; give a file name such as {out / 'model.int8.onnx'}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path in ``final``'s directory; rename it to ``final`` only if the block succeeds."""
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}", dir=final.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, inputs: tuple = ()) -> Path:
+    """Write ``model`` to ``output`` atomically, with external data when it exceeds the protobuf limit."""
+    out = check_output_path(output, *inputs)
+    size = _approx_size(model)
+    try:
+        if size < EXTERNAL_DATA_THRESHOLD:
+            with atomic_path(out) as tmp:
+                with open(tmp, "wb") as fh:
+                    fh.write(model.SerializeToString())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        else:
+            _save_external(model, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def _approx_size(model: onnx.ModelProto) -> int:
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) if init.HasField("raw_data") else init.ByteSize()
+    return total + 1_000_000
+
+
+def _save_external(model: onnx.ModelProto, out: Path) -> None:
+    """Save a >2 GB model as ``out`` + ``out.data`` without ever serialising it as one protobuf."""
+    from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+    data_name = out.name + ".data"
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    convert_model_to_external_data(clone, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+        clone = write_external_data_tensors(clone, tmpdir)
+        with open(Path(tmpdir) / out.name, "wb") as fh:
+            fh.write(clone.SerializeToString())
+        if (Path(tmpdir) / data_name).exists():
+            os.replace(Path(tmpdir) / data_name, out.parent / data_name)
+        os.replace(Path(tmpdir) / out.name, out)
+
+
+def model_size_bytes(path: str | os.PathLike) -> int:
+    """File size including external data files referenced by the model."""
+    p = Path(path)
+    total = p.stat().st_size
+    data = p.with_name(p.name + ".data")
+    if data.exists():
+        total += data.stat().st_size
+    return total

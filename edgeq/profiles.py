@@ -1,0 +1,279 @@
+"""Target profiles: YAML data loaded strictly into frozen dataclasses.
+
+A profile says how a target wants a model quantized (dtypes, symmetry, granularity, where Q/DQ goes, which ops
+stay in float), which passes run, how to validate (thresholds) and how to compile. Built-in profiles live in the
+``targets/`` folder (shipped as ``edgeq.targets``); a user's YAML can ``extends:`` one of them. An unknown or misspelt
+key is an error naming the key, the file and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from edgeq.errors import ProfileError
+
+ActDType = Literal["uint8", "int8", "uint16", "int16", "float8e4m3fn", "float16", "float32"]
+WeightDType = Literal["int8", "uint8", "int4", "uint4", "float8e4m3fn", "float16", "float32"]
+Observer = Literal["minmax", "percentile", "entropy", "mse"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationSpec:
+    dtype: ActDType = "uint8"
+    symmetric: bool = False
+    observer: Observer = "minmax"
+    percentile: float = 99.999
+    # Keep a tensor in float when its calibrated magnitude exceeds this (attention-mask arithmetic, -inf fills).
+    max_abs_range: float = 1.0e4
+    min_real_range: float = 1.0e-5
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightSpec:
+    dtype: WeightDType = "int8"
+    symmetric: bool = True
+    per_channel_ops: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+    block_size: int = 0  # >0: blockwise along the reduction axis (int4 weight-only)
+    bias: Literal["float", "int32"] = "float"
+    observer: Literal["minmax", "mse"] = "minmax"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FixedScale:
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementSpec:
+    # "inputs": Q/DQ on the activation inputs of `ops` only (TensorRT); "all": every float tensor (QNN);
+    # "weights": weights only, activations stay float (weight-only compression).
+    mode: Literal["inputs", "all", "weights"] = "inputs"
+    ops: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    residual_add: bool = False
+    float_ops: tuple[str, ...] = ()
+    fixed_output_scales: dict[str, FixedScale] = field(default_factory=dict)
+    quantize_graph_outputs: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Thresholds:
+    min_cosine: float = 0.99
+    min_sqnr_db: float = 15.0
+    max_abs_error: float | None = None
+    min_top1_agreement: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassSpec:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileSpec:
+    backend: Literal["none", "tensorrt", "qnn", "coreml", "ort"] = "none"
+    soc: str | None = None
+    fp16: bool = False
+    minimum_deployment_target: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Override:
+    """Mixed precision: keep matching nodes/tensors in another precision."""
+
+    op_type: str | None = None
+    node: str | None = None
+    tensor: str | None = None
+    precision: Literal["float", "int16", "uint16", "fp16", "int8", "uint8"] = "float"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetProfile:
+    name: str
+    description: str = ""
+    min_opset: int = 13
+    static_shapes: bool = False
+    activations: ActivationSpec = field(default_factory=ActivationSpec)
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    placement: PlacementSpec = field(default_factory=PlacementSpec)
+    passes: tuple[PassSpec, ...] = ()
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    overrides: tuple[Override, ...] = ()
+    compile: CompileSpec = field(default_factory=CompileSpec)
+    source: str = ""  # where it was loaded from (not a YAML key)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def with_overrides(self, **changes: Any) -> "TargetProfile":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strict loading
+
+
+def _builtin_dir():
+    return resources.files("edgeq.targets")
+
+
+def list_targets() -> list[TargetProfile]:
+    """The built-in profiles, sorted by name."""
+    names = sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
+    return [load_profile(n) for n in names]
+
+
+def load_profile(name_or_path: str | Path, *, _chain: tuple[str, ...] = ()) -> TargetProfile:
+    """Load a built-in profile by name (``qnn``) or a user profile from a YAML path."""
+    raw, source = _read_raw(str(name_or_path))
+    if source in _chain:
+        raise ProfileError(f"circular 'extends' in profiles: {' -> '.join(_chain + (source,))}")
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{source}: a profile must be a YAML mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ProfileError(f"{source}: 'extends' must be a profile name or path, got {parent!r}")
+        base_path = parent
+        if not parent.endswith((".yaml", ".yml")) or Path(parent).is_absolute():
+            pass
+        elif not Path(parent).exists() and Path(source).parent.joinpath(parent).exists():
+            base_path = str(Path(source).parent / parent)
+        base = load_profile(base_path, _chain=_chain + (source,))
+        merged = _deep_merge(base.to_dict(), raw)
+    else:
+        merged = raw
+    if "name" not in merged:
+        merged["name"] = Path(source).stem
+    profile = _build(TargetProfile, merged, source, "")
+    return dataclasses.replace(profile, source=source)
+
+
+def _read_raw(name: str) -> tuple[Any, str]:
+    path = Path(name)
+    if name.endswith((".yaml", ".yml")) or path.exists():
+        if not path.exists():
+            raise ProfileError(f"profile file not found: {name}")
+        if path.is_dir():
+            raise ProfileError(f"{name} is a directory, expected a profile YAML file")
+        text, source = path.read_text(encoding="utf-8", errors="replace"), str(path)
+    else:
+        res = _builtin_dir() / f"{name}.yaml"
+        if not res.is_file():
+            valid = sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
+            raise ProfileError(f"unknown target {name!r}; built-in targets: {', '.join(valid)} (or a path to a .yaml)")
+        text, source = res.read_text(encoding="utf-8"), f"{name}.yaml (built-in)"
+    try:
+        return yaml.safe_load(text), source
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()
+        raise ProfileError(f"{source}: invalid YAML: {' '.join(first[:2])}") from None
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "fixed_output_scales":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _build(cls, data: Any, source: str, where: str):
+    label = where or "profile"
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: {label} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ProfileError(
+            f"{source}: unknown key {unknown[0]!r} in {label}; valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(hints[key], value, source, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ProfileError(f"{source}: {label}: {exc}") from None
+
+
+def _convert(tp: Any, value: Any, source: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, source, where)
+            except ProfileError as exc:
+                errors.append(str(exc))
+        raise ProfileError(errors[0] if errors else f"{source}: {where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ProfileError(f"{source}: {where} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            raise ProfileError(f"{source}: {where} must be a list, got {value!r}")
+        return tuple(_convert(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProfileError(f"{source}: {where} must be a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if tp is PassSpec and isinstance(value, str):
+            value = {"name": value}
+        return _build(tp, value, source, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ProfileError(f"{source}: {where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProfileError(f"{source}: {where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProfileError(f"{source}: {where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ProfileError(f"{source}: {where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def profile_yaml(profile: TargetProfile) -> str:
+    """The resolved profile as YAML (``edgeq targets show``)."""
+    return yaml.safe_dump(_plain(profile.to_dict()), sort_keys=False)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,152 @@
+"""Quantization arithmetic: integer ranges, scale/zero-point selection and weight quantization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+try:
+    import ml_dtypes  # noqa: F401  (onnx depends on it; gives numpy int4/float8 dtypes)
+except ImportError:  # pragma: no cover
+    ml_dtypes = None
+
+
+@dataclass(frozen=True)
+class IntRange:
+    qmin: int
+    qmax: int
+    np_dtype: object
+    onnx_type: int
+    bits: int
+
+
+INT_TYPES = {
+    "int8": IntRange(-128, 127, np.int8, onnx.TensorProto.INT8, 8),
+    "uint8": IntRange(0, 255, np.uint8, onnx.TensorProto.UINT8, 8),
+    "int16": IntRange(-32768, 32767, np.int16, onnx.TensorProto.INT16, 16),
+    "uint16": IntRange(0, 65535, np.uint16, onnx.TensorProto.UINT16, 16),
+    "int4": IntRange(-8, 7, None, onnx.TensorProto.INT4, 4),
+    "uint4": IntRange(0, 15, None, onnx.TensorProto.UINT4, 4),
+    "int32": IntRange(-(2**31), 2**31 - 1, np.int32, onnx.TensorProto.INT32, 32),
+}
+FP8_MAX = {"float8e4m3fn": 448.0}
+
+
+def required_opset(dtype: str) -> int:
+    """The lowest opset whose QuantizeLinear/DequantizeLinear accept ``dtype``."""
+    if dtype in ("int16", "uint16", "int4", "uint4"):
+        return 21
+    if dtype in FP8_MAX:
+        return 19
+    return 10
+
+
+def levels(dtype: str) -> int:
+    if dtype in INT_TYPES:
+        r = INT_TYPES[dtype]
+        return r.qmax - r.qmin + 1
+    return 256
+
+
+def activation_params(lo: float, hi: float, dtype: str, *, symmetric: bool,
+                      min_range: float = 1e-5) -> tuple[np.float32, int]:
+    """Scale and zero point covering ``[lo, hi]`` (which must contain 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < min_range:
+        hi = lo + min_range
+    if dtype in FP8_MAX:
+        return np.float32(max(-lo, hi) / FP8_MAX[dtype]), 0
+    r = INT_TYPES[dtype]
+    if symmetric:
+        amax = max(-lo, hi)
+        if r.qmin < 0:
+            return np.float32(amax / r.qmax), 0
+        mid = (r.qmax + 1) // 2
+        return np.float32(amax / (r.qmax - mid)), mid
+    scale = (hi - lo) / (r.qmax - r.qmin)
+    zp = int(np.clip(round(r.qmin - lo / scale), r.qmin, r.qmax))
+    return np.float32(scale), zp
+
+
+def quantize_array(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: str) -> np.ndarray:
+    r = INT_TYPES[dtype]
+    q = np.clip(np.round(x / scale) + zp, r.qmin, r.qmax)
+    return q.astype(np.int32 if r.np_dtype is None else r.np_dtype)
+
+
+@dataclass
+class QuantizedWeight:
+    q: np.ndarray  # integer values (int32 holder for 4-bit types)
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+    block_size: int
+    dtype: str
+
+    def dequantize(self) -> np.ndarray:
+        s, z = self.scale, self.zero_point
+        if self.block_size:
+            s = np.repeat(s, self.block_size, axis=self.axis)[tuple(slice(0, d) for d in self.q.shape)]
+            z = np.repeat(z, self.block_size, axis=self.axis)[tuple(slice(0, d) for d in self.q.shape)]
+        elif self.axis is not None:
+            shape = [1] * self.q.ndim
+            shape[self.axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        return ((self.q.astype(np.float64) - z) * s).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, dtype: str, *, symmetric: bool = True, axis: int | None = None,
+                    block_size: int = 0, clip_ratio: np.ndarray | float | None = None) -> QuantizedWeight:
+    """Quantize a constant: per-tensor (axis None), per-channel along ``axis``, or blockwise along ``axis``."""
+    w = np.asarray(w, dtype=np.float32)
+    r = INT_TYPES[dtype]
+    if block_size:
+        k = w.shape[axis]
+        pad = (-k) % block_size
+        wp = np.pad(w, [(0, pad) if i == axis else (0, 0) for i in range(w.ndim)]) if pad else w
+        shape = list(wp.shape)
+        shape[axis:axis + 1] = [wp.shape[axis] // block_size, block_size]
+        blocks = wp.reshape(shape)
+        red = axis + 1
+        lo, hi = blocks.min(axis=red), blocks.max(axis=red)
+    elif axis is not None:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        lo, hi = w.min(axis=red), w.max(axis=red)
+    else:
+        lo, hi = np.array(w.min()), np.array(w.max())
+    if clip_ratio is not None:
+        lo, hi = lo * clip_ratio, hi * clip_ratio
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    if symmetric:
+        amax = np.maximum(-lo, hi)
+        qmax = r.qmax if r.qmin < 0 else (r.qmax - (r.qmax + 1) // 2)
+        scale = amax / qmax
+        zp = np.zeros_like(scale) if r.qmin < 0 else np.full_like(scale, (r.qmax + 1) // 2)
+    else:
+        scale = (hi - lo) / (r.qmax - r.qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zp = np.clip(np.round(r.qmin - lo / safe), r.qmin, r.qmax)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    if block_size:
+        s_full = np.repeat(scale, block_size, axis=axis)[tuple(slice(0, d) for d in w.shape)]
+        z_full = np.repeat(zp, block_size, axis=axis)[tuple(slice(0, d) for d in w.shape)]
+    elif axis is not None:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        s_full, z_full = scale.reshape(shape), zp.reshape(shape)
+    else:
+        s_full, z_full = scale, zp
+    q = np.clip(np.round(w / s_full) + z_full, r.qmin, r.qmax)
+    holder = np.int32 if r.np_dtype is None else r.np_dtype
+    zp_arr = zp.astype(holder)
+    return QuantizedWeight(q.astype(holder), scale.astype(np.float32), zp_arr, axis, block_size, dtype)
+
+
+def make_int_tensor(name: str, values: np.ndarray, dtype: str) -> onnx.TensorProto:
+    """A TensorProto for ``values`` in ``dtype`` (packs 4-bit types)."""
+    r = INT_TYPES[dtype]
+    if r.bits == 4:
+        return onnx.helper.make_tensor(name, r.onnx_type, list(values.shape), values.astype(np.int32).ravel().tolist())
+    return onnx.numpy_helper.from_array(np.asarray(values, dtype=r.np_dtype), name)

@@ -1,0 +1,388 @@
+"""Q/DQ insertion driven by the target profile.
+
+Matches: the inputs (and, for whole-graph targets, the outputs) of the ops the profile quantizes. Rewrites:
+* activations: ``T -> QuantizeLinear -> DequantizeLinear -> consumer`` with per-tensor scale/zero point from the
+  calibration statistics and the profile's observer; one pair per tensor, shared by its quantized consumers, while
+  float consumers keep reading ``T``. Outputs of scale-sharing ops (Reshape, Transpose, MaxPool...) reuse their
+  input's parameters; the profile's fixed-scale ops (Sigmoid, Tanh) get fixed output parameters.
+* weights: constants become integer initializers + ``DequantizeLinear`` (per-channel on the output-channel axis,
+  per-tensor, or blockwise for int4); biases become int32 with ``scale = s_input * s_weight`` when asked.
+Skips, with a reason per tensor: non-float and shape/index tensors, attention-mask arithmetic with huge constants,
+tensors whose calibrated magnitude exceeds ``activations.max_abs_range``, tensors without statistics, nodes kept in
+float by the profile or overrides. Preconditions: canonicalised float graph without Q/DQ nodes; opset high enough
+for the dtypes (the pipeline upgrades it). Not numerically exact: the quantization error is bounded by the scales.
+Targets: all (placement modes ``inputs`` for TensorRT/ORT-CPU, ``all`` for QNN, ``weights`` for Core ML).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgeq.errors import UnsupportedModelError
+from edgeq.ir import const_value, name_nodes, tensor_dtype
+from edgeq.op_tables import (BIAS_INPUTS, MASK_PROPAGATING, NEVER_QUANTIZED, SCALE_SHARING, WEIGHT_INPUTS,
+                             data_inputs, reduction_axis, weight_axis)
+from edgeq.pass_base import GraphPass, PassContext, PassResult
+from edgeq.quant_math import INT_TYPES, activation_params, levels, quantize_weight
+
+COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Softmax", "LayerNormalization", "Einsum"})
+
+
+@dataclass
+class ActQuant:
+    scale: np.float32
+    zero_point: int
+    dtype: str
+    uses: list = field(default_factory=list)  # (node, input index)
+    to_output: bool = False
+
+
+class InsertQdqPass(GraphPass):
+    name = "insert_qdq"
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        pass
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        profile, stats = ctx.profile, ctx.stats
+        if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
+            raise UnsupportedModelError("the model already contains QuantizeLinear/DequantizeLinear nodes; "
+                                        "give edgeq the float model")
+        name_nodes(graph)
+        result = PassResult()
+        plan = _Planner(self, graph, profile, stats, ctx.precision, result)
+        acts, weights = plan.plan()
+        _Rewriter(graph, profile, result).apply(acts, weights, plan.params_of)
+        result.changed = result.rewrites > 0
+        result.notes.update(quantized_activations=len(acts), quantized_weights=len(weights))
+        return result
+
+
+class _Planner:
+    def __init__(self, p: InsertQdqPass, graph, profile, stats, precision, result: PassResult):
+        self.p, self.graph, self.profile, self.stats, self.result = p, graph, profile, stats, result
+        self.precision = precision
+        self.place = profile.placement
+        self.act_spec = profile.activations
+        self.float_nodes = self._float_nodes()
+        self.mask_path = self._mask_path()
+        self.params_of: dict[str, ActQuant] = {}
+        self.skipped: set[str] = set()
+
+    # -- which nodes stay float ------------------------------------------------------------------------------
+    def _float_nodes(self) -> set[str]:
+        out = set()
+        for node in self.graph.nodes:
+            if node.op in self.place.float_ops or node.op in NEVER_QUANTIZED or node.domain not in ("", "ai.onnx", None):
+                out.add(node.name)
+            for ov in self.profile.overrides:
+                if ov.precision in ("float", "fp16") and (ov.op_type == node.op or ov.node == node.name):
+                    out.add(node.name)
+        if self.precision is not None:
+            out |= set(self.precision.float_nodes)
+        return out
+
+    def _act_dtype(self, node: gs.Node | None) -> str:
+        dtype = self.act_spec.dtype
+        for ov in self.profile.overrides:
+            if node is not None and ov.precision in ("int16", "uint16", "int8", "uint8") and \
+                    (ov.op_type == node.op or ov.node == node.name):
+                dtype = ov.precision
+        if self.precision is not None and node is not None and node.name in self.precision.wide_nodes:
+            dtype = "uint16" if self.act_spec.dtype.startswith("u") else "int16"
+        return dtype
+
+    # -- attention-mask arithmetic ---------------------------------------------------------------------------
+    def _mask_path(self) -> dict[str, str]:
+        limit = self.act_spec.max_abs_range
+        compute: set[str] = set()
+        mask: dict[str, str] = {}
+        for node in self.graph.nodes:  # topologically sorted
+            ins = [t for t in node.inputs if t.name]
+            if node.op in COMPUTE_OPS or any(t.name in compute for t in ins):
+                compute.update(t.name for t in node.outputs)
+            if node.op not in MASK_PROPAGATING:
+                continue
+            seed = None
+            for t in ins:
+                v = const_value(t)
+                if v is not None and v.dtype.kind == "f" and v.size and \
+                        (not np.isfinite(v).all() or np.abs(v).max() >= limit):
+                    seed = f"constant {t.name} holds {float(v.ravel()[np.argmax(np.abs(v.ravel()))]):.3g}"
+                elif t.name in mask:
+                    seed = mask[t.name]
+            if seed is None:
+                continue
+            others = [t for t in ins if t.name not in mask and const_value(t) is None]
+            if any(t.name in compute for t in others):
+                continue  # merge point (scores + mask): the output is ordinary activation data
+            for t in node.outputs:
+                mask[t.name] = seed
+        return mask
+
+    # -- planning ---------------------------------------------------------------------------------------------
+    def plan(self):
+        acts: dict[str, ActQuant] = {}
+        weights: list[tuple[gs.Node, int, str]] = []  # (node, input index, kind)
+        mode = self.place.mode
+        for node in self.graph.nodes:
+            if node.name in self.float_nodes:
+                if node.op in self.place.ops or mode == "all":
+                    if node.op not in NEVER_QUANTIZED:
+                        self.p.skip(self.result, f"{node.op} {node.name}", "kept in float (profile/override)")
+                continue
+            if mode != "all" and node.op not in self.place.ops and not (self.place.residual_add and node.op == "Add"):
+                continue
+            for idx in self._inputs_to_quantize(node):
+                t = node.inputs[idx]
+                if const_value(t) is not None:
+                    kind = self._const_kind(node, idx)
+                    if kind:
+                        weights.append((node, idx, kind))
+                    continue
+                if mode == "weights":
+                    continue
+                self._use_activation(acts, t, node, idx)
+            if mode == "all":
+                for t in node.outputs:
+                    if t.name and self._is_float(t) and t.name not in self.skipped:
+                        q = self._activation(acts, t, node)
+                        if q is not None and (t in self.graph.outputs):
+                            q.to_output = bool(self.place.quantize_graph_outputs)
+        if mode == "all":  # consumers of quantized tensors read the quantized value where they are quantized ops
+            for name, q in acts.items():
+                t = self.graph.tensors()[name]
+                for consumer in t.outputs:
+                    if consumer.name in self.float_nodes:
+                        continue
+                    for idx in data_inputs(consumer.op, len(consumer.inputs)):
+                        if consumer.inputs[idx] is t and (consumer, idx) not in q.uses:
+                            q.uses.append((consumer, idx))
+        return acts, weights
+
+    def _inputs_to_quantize(self, node: gs.Node) -> list[int]:
+        idxs = [i for i in data_inputs(node.op, len(node.inputs)) if node.inputs[i].name]
+        if self.place.mode == "weights":
+            return [i for i in idxs if WEIGHT_INPUTS.get(node.op) == i]
+        if node.op == "Add" and self.place.mode == "inputs" and node.op not in self.place.ops:
+            return self._residual_input(node)
+        return idxs
+
+    def _residual_input(self, node: gs.Node) -> list[int]:
+        acts = [i for i, t in enumerate(node.inputs[:2]) if const_value(t) is None]
+        if len(acts) != 2:
+            return []
+        prods = [node.inputs[i].inputs[0] if node.inputs[i].inputs else None for i in acts]
+        conv = [p is not None and p.op in ("Conv", "ConvTranspose") for p in prods]
+        if not any(conv):
+            return []
+        if all(conv):  # two conv branches: quantize the shortcut (the one computed first)
+            order = {id(n): k for k, n in enumerate(self.graph.nodes)}
+            return [acts[0] if order[id(prods[0])] < order[id(prods[1])] else acts[1]]
+        return [acts[conv.index(False)]]
+
+    def _const_kind(self, node: gs.Node, idx: int) -> str | None:
+        if WEIGHT_INPUTS.get(node.op) == idx:
+            return "weight"
+        if BIAS_INPUTS.get(node.op) == idx:
+            return "bias" if self.profile.weights.bias == "int32" else None
+        if self.place.mode == "all":
+            return "const"
+        if node.op in ("MatMul", "Gemm") and idx in (0, 1):
+            return "weight"
+        return None
+
+    def _is_float(self, t: gs.Tensor) -> bool:
+        dt = tensor_dtype(t)
+        if dt is None and self.stats is not None and self.stats.dtype(t.name):
+            dt = np.dtype(self.stats.dtype(t.name))
+        return dt is not None and np.dtype(dt).kind == "f"
+
+    def _use_activation(self, acts, t, node, idx):
+        q = self._activation(acts, t, node)
+        if q is not None and (node, idx) not in q.uses:
+            q.uses.append((node, idx))
+
+    def _activation(self, acts: dict, t: gs.Tensor, consumer: gs.Node) -> ActQuant | None:
+        if t.name in acts:
+            return acts[t.name]
+        if t.name in self.skipped:
+            return None
+        reason = self._reject(t)
+        if reason:
+            self.skipped.add(t.name)
+            self.p.skip(self.result, t.name, reason)
+            return None
+        q = self._params(t, consumer)
+        if q is None:
+            return None
+        acts[t.name] = q
+        self.params_of[t.name] = q
+        return q
+
+    def _reject(self, t: gs.Tensor) -> str | None:
+        if not self._is_float(t):
+            return "not a float tensor"
+        if t.name in self.mask_path:
+            return f"attention-mask arithmetic ({self.mask_path[t.name]}); kept in float"
+        if self.stats is None or t.name not in self.stats:
+            return "no calibration statistics for this tensor"
+        obs = self.stats.get(t.name)
+        limit = self.act_spec.max_abs_range
+        if max(abs(obs.min), abs(obs.max)) > limit:
+            return f"calibrated range [{obs.min:.3g}, {obs.max:.3g}] exceeds +-{limit:g}; kept in float"
+        return None
+
+    def _params(self, t: gs.Tensor, consumer: gs.Node) -> ActQuant | None:
+        prod = t.inputs[0] if t.inputs else None
+        dtype = self._act_dtype(prod if prod is not None and self.place.mode == "all" else consumer)
+        spec = self.act_spec
+        if prod is not None and prod.op in self.place.fixed_output_scales and dtype == spec.dtype:
+            fixed = self.place.fixed_output_scales[prod.op]
+            return ActQuant(np.float32(fixed.scale), fixed.zero_point, dtype)
+        if prod is not None and prod.op in SCALE_SHARING and prod.inputs and prod.inputs[0].name in self.params_of:
+            src = self.params_of[prod.inputs[0].name]
+            if src.dtype == dtype:
+                return ActQuant(src.scale, src.zero_point, dtype)
+        obs = self.stats.get(t.name)
+        symmetric = spec.symmetric
+        lo, hi = obs.range(spec.observer, percentile=spec.percentile, symmetric=symmetric, levels=levels(dtype))
+        scale, zp = activation_params(lo, hi, dtype, symmetric=symmetric, min_range=spec.min_real_range)
+        return ActQuant(scale, zp, dtype)
+
+
+class _Rewriter:
+    def __init__(self, graph: gs.Graph, profile, result: PassResult):
+        self.graph, self.profile, self.result = graph, profile, result
+        self.weight_cache: dict[tuple, gs.Variable] = {}
+
+    def apply(self, acts: dict[str, ActQuant], weights, params_of):
+        tensors = self.graph.tensors()
+        for name, q in acts.items():
+            if q.uses or q.to_output:
+                self._insert_pair(tensors[name], q)
+        for node, idx, kind in weights:
+            if kind == "weight":
+                self._weight(node, idx)
+        for node, idx, kind in weights:
+            if kind == "const":
+                self._const_activation(node, idx)
+            elif kind == "bias":
+                self._bias(node, idx)
+
+    def _qdq_constants(self, base: str, scale, zp, dtype: str):
+        r = INT_TYPES[dtype]
+        s = gs.Constant(f"{base}/scale", np.asarray(scale, dtype=np.float32))
+        if r.np_dtype is None:
+            z = gs.Constant(f"{base}/zero_point", np.asarray(zp, dtype=np.int8 if r.qmin < 0 else np.uint8),
+                            export_dtype=r.onnx_type)
+        else:
+            z = gs.Constant(f"{base}/zero_point", np.asarray(zp, dtype=r.np_dtype))
+        return s, z
+
+    def _insert_pair(self, t: gs.Variable, q: ActQuant) -> None:
+        s, z = self._qdq_constants(t.name, q.scale, q.zero_point, q.dtype)
+        quant = gs.Variable(f"{t.name}/quantized", dtype=INT_TYPES[q.dtype].np_dtype, shape=t.shape)
+        deq = gs.Variable(f"{t.name}/dequantized", dtype=t.dtype, shape=t.shape)
+        self.graph.nodes.append(gs.Node("QuantizeLinear", f"{t.name}/QuantizeLinear", inputs=[t, s, z],
+                                        outputs=[quant]))
+        self.graph.nodes.append(gs.Node("DequantizeLinear", f"{t.name}/DequantizeLinear", inputs=[quant, s, z],
+                                        outputs=[deq]))
+        for node, idx in q.uses:
+            node.inputs[idx] = deq
+        if q.to_output:
+            pos = [i for i, o in enumerate(self.graph.outputs) if o is t]
+            original = t.name
+            t.name = f"{original}/float"
+            quant.name, deq.name = f"{original}/quantized", original
+            s.name, z.name = f"{original}/scale", f"{original}/zero_point"
+            for i in pos:
+                self.graph.outputs[i] = deq
+        self.result.rewrites += 1
+
+    def _weight(self, node: gs.Node, idx: int) -> None:
+        t = node.inputs[idx]
+        w = const_value(t)
+        if w is None or w.dtype.kind != "f":
+            return
+        spec = self.profile.weights
+        axis = weight_axis(node.op, node.attrs, w.ndim) if node.op in spec.per_channel_ops else None
+        if node.op in ("LayerNormalization", "InstanceNormalization", "GroupNormalization"):
+            axis = None
+        block = 0
+        if spec.block_size and node.op in ("MatMul", "Gemm") and w.ndim == 2:
+            axis, block = reduction_axis(node.op, node.attrs, w.ndim), spec.block_size
+        key = (t.name, axis, block)
+        if key not in self.weight_cache:
+            qw = quantize_weight(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block)
+            r = INT_TYPES[spec.dtype]
+            qt = gs.Constant(f"{t.name}/quantized", qw.q if r.np_dtype is not None else qw.q.astype(np.int8),
+                             export_dtype=None if r.np_dtype is not None else r.onnx_type)
+            s, z = self._qdq_constants(t.name, qw.scale, qw.zero_point, spec.dtype)
+            out = gs.Variable(f"{t.name}/dequantized", dtype=w.dtype, shape=list(w.shape))
+            attrs = {}
+            if axis is not None:
+                attrs["axis"] = axis
+            if block:
+                attrs["block_size"] = block
+            self.graph.nodes.append(gs.Node("DequantizeLinear", f"{t.name}/DequantizeLinear", attrs=attrs,
+                                            inputs=[qt, s, z], outputs=[out]))
+            self.weight_cache[key] = out
+            self.result.rewrites += 1
+        node.inputs[idx] = self.weight_cache[key]
+
+    def _const_activation(self, node: gs.Node, idx: int) -> None:
+        t = node.inputs[idx]
+        v = const_value(t)
+        if v is None or v.dtype.kind != "f":
+            return
+        act = self.profile.activations
+        key = (t.name, "act")
+        if key not in self.weight_cache:
+            scale, zp = activation_params(float(v.min()), float(v.max()), act.dtype, symmetric=act.symmetric,
+                                          min_range=act.min_real_range)
+            r = INT_TYPES[act.dtype]
+            q = np.clip(np.round(v / scale) + zp, r.qmin, r.qmax).astype(r.np_dtype)
+            s, z = self._qdq_constants(t.name, scale, zp, act.dtype)
+            out = gs.Variable(f"{t.name}/dequantized", dtype=v.dtype, shape=list(v.shape))
+            self.graph.nodes.append(gs.Node("DequantizeLinear", f"{t.name}/DequantizeLinear",
+                                            inputs=[gs.Constant(f"{t.name}/quantized", q), s, z], outputs=[out]))
+            self.weight_cache[key] = out
+            self.result.rewrites += 1
+        node.inputs[idx] = self.weight_cache[key]
+
+    def _bias(self, node: gs.Node, idx: int) -> None:
+        b = const_value(node.inputs[idx])
+        x_dq, w_dq = node.inputs[0], node.inputs[1]
+        x_node = x_dq.inputs[0] if x_dq.inputs else None
+        w_node = w_dq.inputs[0] if w_dq.inputs else None
+        if b is None or x_node is None or w_node is None or x_node.op != "DequantizeLinear" or \
+                w_node.op != "DequantizeLinear":
+            self.result.skipped.append(_skip(node, "bias kept in float: input or weight is not quantized"))
+            return
+        s_x = np.asarray(x_node.inputs[1].values, np.float64)
+        s_w = np.asarray(w_node.inputs[1].values, np.float64)
+        if s_w.ndim > 1:
+            self.result.skipped.append(_skip(node, "bias kept in float: blockwise weight scales"))
+            return
+        b = b.astype(np.float64).reshape(-1)
+        scale = (s_x * s_w) * np.ones_like(b)
+        q = np.clip(np.round(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = node.inputs[idx].name
+        out = gs.Variable(f"{base}/dequantized", dtype=np.float32, shape=[b.size])
+        self.graph.nodes.append(gs.Node(
+            "DequantizeLinear", f"{base}/DequantizeLinear", attrs={"axis": 0},
+            inputs=[gs.Constant(f"{base}/quantized", q), gs.Constant(f"{base}/scale", scale.astype(np.float32)),
+                    gs.Constant(f"{base}/zero_point", np.zeros(b.size, np.int32))], outputs=[out]))
+        node.inputs[idx] = out
+        self.result.rewrites += 1
+
+
+def _skip(node: gs.Node, reason: str):
+    from edgeq.pass_base import Skip
+
+    return Skip("insert_qdq", f"{node.op} {node.name}", reason)
