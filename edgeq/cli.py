@@ -32,6 +32,17 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _write_extra_reports(rep: dict, html_out: Path | None, junit_out: Path | None) -> None:
+    if html_out is not None:
+        from edgeq.html_report import write_html
+
+        write_html(rep, html_out)
+    if junit_out is not None:
+        from edgeq.junit import write_junit
+
+        write_junit(rep, junit_out)
+
+
 def _thresholds_table(rep: dict) -> str:
     from edgeq.report import summary_table
 
@@ -76,8 +87,10 @@ def _print_quantize(rep: dict) -> None:
 @click.option("--min-sqnr", type=float, default=None, help="Override the profile's SQNR threshold (dB).")
 @click.option("--keep-float", multiple=True, help="Keep nodes in float: an op type (Softmax) or a node name.")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the graph after each pass.")
+@click.option("--html", "html_out", type=click.Path(path_type=Path), default=None, help="Self-contained HTML report.")
+@click.option("--junit", "junit_out", type=click.Path(path_type=Path), default=None, help="JUnit XML for CI systems.")
 def quantize(model, target, calib, output, eval_data, report, stats, preprocess, max_calib_samples, min_cosine,
-             min_sqnr, keep_float, dump_dir):
+             min_sqnr, keep_float, dump_dir, html_out, junit_out):
     """Canonicalise, calibrate, insert Q/DQ for TARGET, save, check, and validate when --eval is given."""
     import dataclasses
 
@@ -92,6 +105,7 @@ def quantize(model, target, calib, output, eval_data, report, stats, preprocess,
     result = api.quantize(model, target=profile, calib=calib, output=output, eval_data=eval_data, report=report,
                           stats=stats, preprocess=preprocess, max_calib_samples=max_calib_samples,
                           min_cosine=min_cosine, min_sqnr=min_sqnr, progress=True, dump_dir=dump_dir)
+    _write_extra_reports(result.report, html_out, junit_out)
     _print_quantize(result.report)
     if result.passed is False:
         sys.exit(1)
@@ -109,13 +123,17 @@ def quantize(model, target, calib, output, eval_data, report, stats, preprocess,
 @click.option("--min-cosine", type=float, default=None)
 @click.option("--min-sqnr", type=float, default=None)
 @click.option("--preprocess", type=click.Path(path_type=Path), default=None)
-def validate(reference, candidate, data, target, report, backend, soc, min_cosine, min_sqnr, preprocess):
+@click.option("--html", "html_out", type=click.Path(path_type=Path), default=None, help="Self-contained HTML report.")
+@click.option("--junit", "junit_out", type=click.Path(path_type=Path), default=None, help="JUnit XML for CI systems.")
+def validate(reference, candidate, data, target, report, backend, soc, min_cosine, min_sqnr, preprocess, html_out,
+             junit_out):
     """Compare CANDIDATE with REFERENCE; exit 0 within thresholds, 1 outside, 2 on bad input."""
     from edgeq import api
     from edgeq.report import summary_table
 
     result = api.validate(reference, candidate, data=data, target=target, report=report, backend=backend,
                           min_cosine=min_cosine, min_sqnr=min_sqnr, preprocess=preprocess, soc=soc, progress=True)
+    _write_extra_reports(result.report, html_out, junit_out)
     click.echo(summary_table(result.as_dict()))
     lat = result.latency_ms
     if lat:
@@ -232,6 +250,22 @@ def demo(target, output_dir):
     click.echo(f"size      fp32 {d['fp32_size_bytes'] / 1024:.1f} KiB  int8 {d['int8_size_bytes'] / 1024:.1f} KiB")
     if not rep["passed"]:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, help="Evaluation data (same formats as --calib).")
+@click.option("--max-samples", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the layer table as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG plot of error by layer.")
+@click.option("--top", type=int, default=20, show_default=True, help="Rows to print.")
+def debug(reference, candidate, data, max_samples, json_out, plot, top):
+    """Compare every quantized tensor with its FP32 counterpart and name where the error jumps."""
+    from edgeq.debug import debug as run_debug
+
+    result = run_debug(reference, candidate, data=data, max_samples=max_samples, json_out=json_out, plot=plot)
+    click.echo(result.table(top=top))
 
 
 def _on_sigterm(signum, frame):
