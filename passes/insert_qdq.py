@@ -346,7 +346,8 @@ class _Rewriter:
             scale, zp = activation_params(float(v.min()), float(v.max()), act.dtype, symmetric=act.symmetric,
                                           min_range=act.min_real_range)
             r = INT_TYPES[act.dtype]
-            q = np.clip(np.round(v / scale) + zp, r.qmin, r.qmax).astype(r.np_dtype)
+            # asarray: rounding a 0-d constant (an attention scale) yields a numpy scalar, not an array
+            q = np.asarray(np.clip(np.round(v / scale) + zp, r.qmin, r.qmax), dtype=r.np_dtype)
             s, z = self._qdq_constants(t.name, scale, zp, act.dtype)
             out = gs.Variable(f"{t.name}/dequantized", dtype=v.dtype, shape=list(v.shape))
             self.graph.nodes.append(gs.Node("DequantizeLinear", f"{t.name}/DequantizeLinear",
