@@ -141,7 +141,7 @@ class TensorObserver:
         c, w = centers[nz], self.hist[nz].astype(np.float64)
         lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
         best, best_range = math.inf, (lo0, hi0)
-        for ratio in np.linspace(0.2, 1.0, 81):
+        for ratio in np.unique(np.concatenate([np.geomspace(0.01, 1.0, 60), np.linspace(0.5, 1.0, 26)])):
             lo, hi = lo0 * ratio, hi0 * ratio
             if symmetric:
                 a = max(-lo, hi)

@@ -1,0 +1,157 @@
+"""Q/DQ insertion: placement per target profile, skip reasons, and numerics bounded by the scales."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from conftest import make_cnn, make_transformer_block, run_ort
+from edgeq.api import canonicalize
+from edgeq.calibration.calibrate import calibrate
+from edgeq.ir import to_graph, to_model
+from edgeq.pass_base import PassContext, make_pass
+from edgeq.profiles import load_profile
+
+
+def _quantize(model, target, samples):
+    canon, _ = canonicalize(model)
+    stats = calibrate(canon, samples)
+    graph = to_graph(canon)
+    result = make_pass("insert_qdq").run(graph, PassContext(profile=load_profile(target), stats=stats))
+    return canon, to_model(graph, model), result
+
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _const(model, name):
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+def _cnn_samples(n=8):
+    rng = np.random.default_rng(0)
+    return [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def test_tensorrt_placement_on_cnn():
+    canon, q, _ = _quantize(make_cnn(), "tensorrt", _cnn_samples())
+    prod = _producers(q)
+    for node in q.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            assert prod[node.input[0]].op_type == "DequantizeLinear", node.name
+            wdq = prod[node.input[1]]
+            assert wdq.op_type == "DequantizeLinear"
+            axis = {a.name: a.i for a in wdq.attribute}["axis"]
+            assert axis == (0 if node.op_type == "Conv" else 1)
+            assert _const(q, wdq.input[0]).dtype == np.int8
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = _const(q, node.input[2])
+            assert zp.dtype == np.int8 and not zp.any(), "TensorRT needs symmetric int8"
+    # residual Add: the shortcut (Relu output) is quantized, the Conv output feeding the Add is not
+    add = next(n for n in q.graph.node if n.op_type == "Add")
+    kinds = [prod[i].op_type for i in add.input]
+    assert sorted(kinds) == ["Conv", "DequantizeLinear"]
+    # outputs of Conv/Gemm are never quantized for TensorRT
+    for node in q.graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert prod[node.input[0]].op_type not in ("Conv", "Gemm") if node.input[0] in prod else True
+
+
+def test_qnn_placement_quantizes_whole_graph_and_bias():
+    canon, q, _ = _quantize(make_cnn(), "qnn", _cnn_samples())
+    prod = _producers(q)
+    assert [o.name for o in q.graph.output] == ["logits"]
+    assert prod["logits"].op_type == "DequantizeLinear", "graph outputs are quantized, name kept"
+    for node in q.graph.node:
+        if node.op_type in ("QuantizeLinear",):
+            assert _const(q, node.input[2]).dtype == np.uint8
+        if node.op_type in ("Conv", "Gemm", "Relu", "Add", "GlobalAveragePool", "Flatten"):
+            for i in node.input:
+                assert prod[i].op_type == "DequantizeLinear", f"{node.name} input {i} not quantized"
+        if node.op_type == "Conv":
+            bias_dq = prod[node.input[2]]
+            assert _const(q, bias_dq.input[0]).dtype == np.int32
+            s_b = _const(q, bias_dq.input[1])
+            s_x = _const(q, prod[node.input[0]].input[1])
+            s_w = _const(q, prod[node.input[1]].input[1])
+            np.testing.assert_allclose(s_b, s_x * s_w, rtol=1e-6)
+        if node.op_type == "Gemm":
+            assert _const(q, prod[node.input[1]].input[1]).size == 1, "QNN: per-tensor weights on Gemm"
+
+
+def test_qnn_shares_scale_through_flatten():
+    _, q, _ = _quantize(make_cnn(), "qnn", _cnn_samples())
+    prod = _producers(q)
+    flat = next(n for n in q.graph.node if n.op_type == "Flatten")
+    s_in = _const(q, prod[flat.input[0]].input[1])
+    quant_out = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == flat.output[0])
+    assert _const(q, quant_out.input[1]) == s_in
+
+
+def test_quantized_error_is_bounded_by_scales():
+    model = make_cnn()
+    samples = _cnn_samples(16)
+    for target in ("tensorrt", "qnn", "ort-cpu"):
+        canon, q, _ = _quantize(model, target, samples)
+        x = samples[3]
+        ref = run_ort(canon, x)[0]
+        out = run_ort(q, x)[0]
+        # each of ~6 quantized stages adds at most half a step of its scale, amplified by later layers:
+        # require the error to stay within a few output steps of an 8-bit grid over the output range.
+        step = (ref.max() - ref.min()) / 255
+        assert np.abs(out - ref).max() < 12 * step, target
+        cos = float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out))
+        assert cos > 0.99, target
+
+
+def test_mask_arithmetic_is_kept_float_with_reason():
+    model = make_transformer_block(mask=True)
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 16, 32)).astype(np.float32), "mask": np.ones((1, 16), np.int64)}
+               for _ in range(4)]
+    _, q, result = _quantize(model, "qnn", samples)
+    reasons = {s.target: s.reason for s in result.skipped}
+    assert "madd" in reasons and "attention-mask" in reasons["madd"]
+    quantized_inputs = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert "madd" not in quantized_inputs and "madd3" not in quantized_inputs
+    # masked positions still masked after quantization
+    mask = np.ones((1, 16), np.int64)
+    mask[0, 10:] = 0
+    feed = {"x": samples[0]["x"], "mask": mask}
+    canon, _ = canonicalize(model)
+    ref, out = run_ort(canon, feed)[0], run_ort(q, feed)[0]
+    assert np.isfinite(out).all()
+    cos = float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cos > 0.98
+
+
+def test_tensorrt_transformer_block_quantizes_matmuls():
+    model = make_transformer_block()
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 16, 32)).astype(np.float32)} for _ in range(4)]
+    _, q, _ = _quantize(model, "tensorrt", samples)
+    prod = _producers(q)
+    mms = [n for n in q.graph.node if n.op_type == "MatMul"]
+    assert len(mms) == 8
+    for n in mms:
+        assert all(prod[i].op_type == "DequantizeLinear" for i in n.input), n.name
+
+
+def test_already_quantized_model_is_refused():
+    import pytest
+
+    from edgeq.errors import UnsupportedModelError
+
+    _, q, _ = _quantize(make_cnn(), "tensorrt", _cnn_samples(2))
+    stats = calibrate(q, _cnn_samples(2))
+    with pytest.raises(UnsupportedModelError, match="already contains"):
+        make_pass("insert_qdq").run(to_graph(q), PassContext(profile=load_profile("tensorrt"), stats=stats))
+
+
+def test_weight_only_mode_keeps_activations_float():
+    _, q, _ = _quantize(make_cnn(), "coreml", _cnn_samples(2))
+    assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) == 3
+    onnx.checker.check_model(q)
