@@ -10,6 +10,7 @@ import numpy as np
 
 from edgeq.calibration.calibrate import make_session
 from edgeq.model_io import load_model
+from edgeq.report import write_report
 
 
 def bundled_example() -> dict[str, Path]:
@@ -35,8 +36,9 @@ def run_demo(*, output_dir: str | Path | None = None, target: str = "tensorrt", 
         out_dir = Path(output_dir) if output_dir else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / f"digits_cnn.{target}.int8.onnx"
+        report_path = out_dir / f"digits_cnn.{target}.report.json"
         result = quantize(ex["model"], target=target, calib=ex["calib"], eval_data=ex["eval"], output=out,
-                          report=out_dir / f"digits_cnn.{target}.report.json", progress=progress)
+                          progress=progress)
         rep = result.report
         rep["demo"] = {
             "fp32_accuracy": accuracy(ex["model"], ex["eval"], ex["labels"]),
@@ -45,4 +47,6 @@ def run_demo(*, output_dir: str | Path | None = None, target: str = "tensorrt", 
             "int8_size_bytes": out.stat().st_size,
             "output_dir": str(out_dir) if output_dir else None,
         }
+        if output_dir:
+            write_report(rep, report_path)
         return rep

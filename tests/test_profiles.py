@@ -1,0 +1,65 @@
+"""Target profiles: strict loading, extends, built-ins."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeq.errors import ProfileError
+from edgeq.profiles import list_targets, load_profile, profile_yaml
+
+
+def test_builtin_targets_load():
+    names = {p.name for p in list_targets()}
+    assert {"tensorrt", "qnn", "qnn-a16w8", "coreml", "ort-cpu"} <= names
+    trt = load_profile("tensorrt")
+    assert trt.activations.dtype == "int8" and trt.activations.symmetric and trt.placement.residual_add
+    qnn = load_profile("qnn")
+    assert qnn.placement.mode == "all" and qnn.weights.per_channel_ops == ("Conv", "ConvTranspose")
+    assert qnn.placement.fixed_output_scales["Sigmoid"].scale == pytest.approx(1 / 256)
+
+
+def test_extends_merges_and_overrides(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("extends: qnn\nname: mine\nactivations:\n  dtype: uint16\nthresholds:\n  min_cosine: 0.9\n")
+    prof = load_profile(p)
+    assert prof.name == "mine" and prof.activations.dtype == "uint16"
+    assert prof.activations.symmetric is False, "unspecified keys come from the base"
+    assert prof.thresholds.min_cosine == 0.9 and prof.placement.mode == "all"
+    assert "mine" in profile_yaml(prof)
+
+
+def test_unknown_key_names_key_file_and_valid_keys(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text("extends: tensorrt\nactivations:\n  dtpye: int8\n")
+    with pytest.raises(ProfileError) as exc:
+        load_profile(p)
+    msg = str(exc.value)
+    assert "dtpye" in msg and str(p) in msg and "dtype" in msg and "observer" in msg
+
+
+@pytest.mark.parametrize("text,match", [
+    ("activations:\n  symmetric: maybe\n", "true or false"),
+    ("activations:\n  dtype: int7\n", "must be one of"),
+    ("thresholds:\n  min_cosine: high\n", "must be a number"),
+    ("placement:\n  ops: Conv\n", "must be a list"),
+    ("- a\n- b\n", "must be a YAML mapping"),
+    ("a: [unclosed\n", "invalid YAML"),
+    ("extends: no-such-target\n", "unknown target"),
+])
+def test_bad_profiles(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ProfileError, match=match):
+        load_profile(p)
+
+
+def test_circular_extends(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ProfileError, match="circular"):
+        load_profile(tmp_path / "a.yaml")
+
+
+def test_unknown_target_lists_builtins():
+    with pytest.raises(ProfileError, match="tensorrt"):
+        load_profile("tensorrrt")
