@@ -1,0 +1,222 @@
+"""SmoothQuant: move activation outliers into the weights of the MatMul/Gemm that reads them.
+
+Matches: an activation ``X`` (last axis = K input channels) whose consumers are all MatMul/Gemm nodes reading it as
+their data input with a constant weight (Q/K/V after one LayerNorm form one group). Per channel j,
+``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (``max|W_j|`` over every weight of the group; the calibrated
+``channel_absmax`` of ``X``), clamped to ``[min_scale, max_scale]``.
+Rewrites: ``X / s`` is folded into X's producer -- LayerNormalization gamma and beta; ``Add(bias)`` after a MatMul,
+Gemm or ``Mul(gamma)`` (decomposed LayerNorm); a MatMul/Gemm's output columns -- or, when there is none, a
+``Mul(X, 1/s)`` is inserted (only where the profile quantizes the consumers' activations). ``s`` is folded into the
+rows of every consumer's weight. With ``search_alpha`` each group picks alpha from a small grid (or no smoothing)
+by a W8A8 error proxy computed from the statistics alone (per-tensor activation step times the weight energy, plus
+per-channel weight steps times the activation energy estimated from the channel abs-max).
+Preconditions: per-channel statistics of X (the pipeline gathers them because ``needs_stats`` is set).
+Skips (with a reason): no statistics, a weight that is not constant, X shared with a non-linear consumer or a graph
+output, a producer that cannot absorb ``1/s`` where inserting a Mul would not be quantized, a profile that does not
+quantize the activations. Numerically exact in float (~1e-6 relative); it changes only how error is split between
+activation and weight quantization. Targets: transformer models (MatMul/Gemm after LayerNorm) on any W8A8 profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgeq.ir import const_value, unique_name
+from edgeq.pass_base import GraphPass, PassContext, PassResult
+from edgeq.passes.fold_channel_scale import (channel_vector, in_channels, input_channel_absmax, scale_inputs,
+                                             scale_outputs, set_const, tensor_rank, weight_of)
+
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+class SmoothQuantPass(GraphPass):
+    name = "smoothquant"
+    needs_stats = True
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        alpha: float = 0.5
+        search_alpha: bool = False
+        min_scale: float = 1e-5
+        max_scale: float = 1e5
+        insert_mul: bool = True
+
+        def __post_init__(self):
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            if not 0 < self.min_scale <= 1.0 <= self.max_scale:
+                raise ValueError("need 0 < min_scale <= 1 <= max_scale")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        alphas: dict[str, float | None] = {}
+        groups: dict[str, tuple[gs.Tensor, list[gs.Node]]] = {}
+        for node in graph.nodes:
+            if node.op in ("MatMul", "Gemm") and node.inputs and const_value(node.inputs[0]) is None:
+                x = node.inputs[0]
+                groups.setdefault(x.name, (x, []))[1].append(node)
+        for x, nodes in groups.values():
+            label = ", ".join(f"{n.op} {n.name}" for n in nodes)
+            reason = self._smooth(graph, ctx, x, alphas)
+            if reason:
+                self.skip(result, label, reason)
+            else:
+                result.rewrites += 1
+        result.changed = result.rewrites > 0
+        result.notes["alpha"] = {k: v for k, v in alphas.items()}
+        return result
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _smooth(self, graph: gs.Graph, ctx: PassContext, x: gs.Tensor, alphas: dict) -> str | None:
+        users = list(x.outputs)
+        for u in users:
+            if u.op not in ("MatMul", "Gemm") or u.inputs[0] is not x:
+                return f"{x.name} is also read by {u.op} {u.name}, which cannot absorb the scale"
+            if any(t is x for t in u.inputs[1:]):
+                return f"{u.op} {u.name} reads {x.name} twice"
+            if weight_of(u) is None:
+                return f"{u.op} {u.name}: weight is not constant (or not a 2-D float matrix)"
+        if x in graph.outputs:
+            return f"{x.name} is a graph output"
+        if not any(_quantizes_activation(ctx, u) for u in users):
+            return "the profile does not quantize these activations; smoothing would only make weights harder"
+        obs = ctx.stats.get(x.name) if ctx.stats is not None else None
+        act = getattr(obs, "channel_absmax", None)
+        k = in_channels(users[0], weight_of(users[0]))
+        if act is None or act.size == 0:
+            return f"no per-channel statistics for {x.name}"
+        if act.size != k or any(in_channels(u, weight_of(u)) != k for u in users):
+            return f"channel statistics of {x.name} ({act.size}) do not match the weights' input channels ({k})"
+        w_max = np.max([input_channel_absmax(u, weight_of(u)) for u in users], axis=0)
+        act = act.astype(np.float64)
+        if self.options.search_alpha:
+            alpha = self._search(act, [weight_of(u) for u in users], users, w_max)
+            alphas[x.name] = alpha
+            if alpha is None:
+                return "no smoothing: the W8A8 error proxy is lowest without it"
+        else:
+            alpha = self.options.alpha
+            alphas[x.name] = alpha
+        s = self._scales(act, w_max, alpha)
+        apply = self._producer_fold(graph, x, 1.0 / s)
+        if isinstance(apply, str):
+            if not self.options.insert_mul:
+                return apply
+            apply = self._insert_mul(graph, x, users, 1.0 / s)
+        apply()
+        for u in users:
+            scale_inputs(u, s, graph, "smoothed")
+        return None
+
+    def _scales(self, act: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.power(act, alpha) / np.power(w_max, 1.0 - alpha)
+        s = np.where(np.isfinite(s) & (s > 0) & (act > 0) & (w_max > 0), s, 1.0)
+        return np.clip(s, self.options.min_scale, self.options.max_scale)
+
+    def _search(self, act, weights, users, w_max) -> float | None:
+        def proxy(s: np.ndarray) -> float:
+            xs = act / s
+            dx = xs.max() / 127.0
+            total = 0.0
+            for u, w in zip(users, weights):
+                ws = np.abs(w.astype(np.float64)) * _rows(u, w, s)
+                ws = ws if not (u.op == "Gemm" and int(u.attrs.get("transB", 0))) else ws.T  # -> [K, N]
+                dw = ws.max(axis=0) / 127.0
+                total += dx**2 * float((ws**2).sum()) + float((dw**2).sum()) * float((xs**2).sum())
+            return total
+
+        best, best_alpha = proxy(np.ones_like(act)), None
+        for alpha in ALPHA_GRID:
+            err = proxy(self._scales(act, w_max, alpha))
+            if err < best * (1 - 1e-6):
+                best, best_alpha = err, alpha
+        return best_alpha
+
+    # -- folding 1/s before the consumers ------------------------------------------------------------------------
+    def _producer_fold(self, graph: gs.Graph, x: gs.Tensor, inv: np.ndarray) -> Callable[[], None] | str:
+        """A closure applying ``x <- x * inv`` inside x's producer chain, or the reason it cannot."""
+        prod = x.inputs[0] if x.inputs else None
+        if prod is None:
+            return f"{x.name} is a graph input (no producer to absorb 1/s)"
+        k = inv.size
+        if prod.op == "LayerNormalization":
+            rank = tensor_rank(x)
+            axis = int(prod.attrs.get("axis", -1))
+            if not (axis == -1 or (rank is not None and axis == rank - 1)):
+                return f"LayerNormalization {prod.name} does not normalise the last axis"
+            consts = [const_value(t) for t in prod.inputs[1:3]]
+            if any(c is None for c in consts) or len(prod.outputs) > 1 and any(t.outputs for t in prod.outputs[1:]):
+                return f"LayerNormalization {prod.name}: gamma/beta not constant or extra outputs used"
+            vecs = [channel_vector(c, 1, -1, k) for c in consts]
+            if any(v is None for v in vecs):
+                return f"LayerNormalization {prod.name}: gamma/beta are not per-channel"
+
+            def fold_ln():
+                for i, (c, v) in enumerate(zip(consts, vecs), start=1):
+                    set_const(prod, i, (v * inv).astype(c.dtype), graph, "smoothed")
+            return fold_ln
+        if prod.op in ("MatMul", "Gemm") and weight_of(prod) is not None:
+            if prod.op == "Gemm" and len(prod.inputs) > 2 and const_value(prod.inputs[2]) is None:
+                return f"Gemm {prod.name}: bias is not constant"
+            return lambda: scale_outputs(prod, inv, graph, "smoothed")
+        if prod.op in ("Add", "Mul"):
+            split = [(i, const_value(t)) for i, t in enumerate(prod.inputs[:2])]
+            consts = [(i, c) for i, c in split if c is not None]
+            if len(consts) != 1 or consts[0][1].dtype.kind != "f":
+                return f"{prod.op} {prod.name} is not an activation {prod.op.lower()} by a constant"
+            ci, c = consts[0]
+            vec = channel_vector(c, tensor_rank(x), -1, k)
+            if vec is None or c.ndim > 1 and tensor_rank(x) is None:
+                return f"{prod.op} {prod.name}: constant is not per-channel"
+            other = prod.inputs[1 - ci]
+            if prod.op == "Mul":
+                return lambda: set_const(prod, ci, (vec * inv).astype(c.dtype), graph, "smoothed")
+            if len(other.outputs) != 1 or other in graph.outputs:
+                return f"input of Add {prod.name} is also used elsewhere"
+            inner = self._producer_fold(graph, other, inv)
+            if isinstance(inner, str):
+                return inner
+
+            def fold_add():
+                inner()
+                set_const(prod, ci, (vec * inv).astype(c.dtype), graph, "smoothed")
+            return fold_add
+        return f"producer {prod.op} {prod.name} cannot absorb 1/s"
+
+    def _insert_mul(self, graph: gs.Graph, x: gs.Tensor, users: list[gs.Node], inv: np.ndarray):
+        dtype = x.dtype if x.dtype is not None else np.float32
+
+        def insert():
+            c = gs.Constant(unique_name(graph, f"{x.name}/smooth_scale"), inv.astype(np.float32))
+            y = gs.Variable(unique_name(graph, f"{x.name}/smoothed"), dtype=dtype, shape=x.shape)
+            graph.nodes.append(gs.Node("Mul", unique_name(graph, f"{x.name}/SmoothMul"), inputs=[x, c], outputs=[y]))
+            for u in users:
+                u.inputs[0] = y
+        return insert
+
+
+def _rows(node: gs.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        return s.reshape(1, -1)
+    return s.reshape(-1, 1)
+
+
+def _quantizes_activation(ctx: PassContext, node: gs.Node) -> bool:
+    """Whether the profile would put a Q/DQ on the node's activation input (True without a profile)."""
+    profile = ctx.profile
+    if profile is None:
+        return True
+    place = profile.placement
+    if place.mode == "weights" or node.op in place.float_ops:
+        return False
+    if place.mode != "all" and node.op not in place.ops:
+        return False
+    if any(ov.precision in ("float", "fp16") and (ov.op_type == node.op or ov.node == node.name)
+           for ov in profile.overrides):
+        return False
+    return ctx.precision is None or node.name not in ctx.precision.float_nodes

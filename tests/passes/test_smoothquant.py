@@ -1,0 +1,153 @@
+"""smoothquant: activation outliers moved into weights; exact in float, better W8A8 fidelity, reasons for skips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq.calibration.calibrate import calibrate
+from edgeq.ir import to_graph, to_model
+from edgeq.metrics import sqnr_db
+from edgeq.pass_base import PassContext, make_pass
+from edgeq.profiles import PassSpec, load_profile
+
+T, K, H = 16, 32, 64
+
+
+def _block(seed=0, extra_nodes=(), relu_fc2=True):
+    """LayerNorm (gamma with 3 outlier channels) -> Q/K/V MatMul+bias, and an MLP fc1 -> Relu -> fc2."""
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(K)
+    gamma[[3, 11, 20]] = 40.0
+    inits = {"gamma": gamma, "beta": rng.normal(size=K) * 0.1}
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], axis=-1)]
+    outs = []
+    for name in ("q", "k", "v", "fc1"):
+        n = H if name == "fc1" else K
+        inits[f"w_{name}"], inits[f"b_{name}"] = rng.normal(size=(K, n)) / np.sqrt(K), rng.normal(size=n) * 0.1
+        nodes += [helper.make_node("MatMul", ["ln", f"w_{name}"], [f"{name}_mm"]),
+                  helper.make_node("Add", [f"{name}_mm", f"b_{name}"], [name])]
+        outs.append(name)
+    inits["w_fc2"] = rng.normal(size=(H, K)) / np.sqrt(H)
+    nodes += [helper.make_node("Relu" if relu_fc2 else "Identity", ["fc1"], ["act"]),
+              helper.make_node("MatMul", ["act", "w_fc2"], ["fc2"]),
+              helper.make_node("Concat", ["q", "k", "v", "fc2"], ["y"], axis=-1), *extra_nodes]
+    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, T, 3 * K + K])],
+                          [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _data(n=8, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(1, T, K)).astype(np.float32)} for _ in range(n)]
+
+
+def _stats(m):
+    tensors = [n.input[0] for n in m.graph.node if n.op_type == "MatMul"]
+    return calibrate(m, _data(), per_channel=tensors)
+
+
+def _run(m, feeds):
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([s.run(None, f)[0] for f in feeds])
+
+
+def _smooth(m, profile=None, **opts):
+    g = to_graph(m)
+    res = make_pass("smoothquant", opts).run(g, PassContext(profile=profile, stats=_stats(m)))
+    g.cleanup().toposort()
+    return to_model(g, m), res
+
+
+def test_layernorm_group_smoothed_jointly_and_exact():
+    m = _block()
+    out, res = _smooth(m)
+    assert res.rewrites == 2  # the LayerNorm group (q, k, v, fc1) and fc2 (after Relu, via an inserted Mul)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("Mul") == 1 and ops.count("MatMul") == 5
+    mul = next(n for n in out.graph.node if n.op_type == "Mul")
+    assert mul.input[0] == "act"
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    ln = next(n for n in out.graph.node if n.op_type == "LayerNormalization")
+    gamma = inits[ln.input[1]]
+    assert gamma[3] < 40.0 / 2  # the outlier channel was divided by its smoothing factor
+    # q, k, v and fc1 read one shared scaled LayerNorm output: one s for the group, applied to every weight's rows
+    orig = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    ratios = [inits[n.input[1]][3] / orig[w][3] for n in out.graph.node if n.op_type == "MatMul"
+              for w in [f"w_{n.output[0][:-3]}"] if w in {f"w_{k}" for k in ("q", "k", "v", "fc1")}]
+    assert len(ratios) == 4 and np.allclose([r[0] for r in ratios], ratios[0][0]) and ratios[0][0] > 2
+    feeds = _data(4, seed=7)
+    ref = _run(m, feeds)
+    np.testing.assert_allclose(_run(out, feeds), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_search_alpha_is_exact_and_records_choice():
+    m = _block()
+    out, res = _smooth(m, search_alpha=True)
+    assert set(res.notes["alpha"]) == {"ln", "act"}
+    assert res.notes["alpha"]["ln"] is not None  # outliers of 40x: smoothing must win on the proxy
+    feeds = _data(2, seed=3)
+    ref = _run(m, feeds)
+    np.testing.assert_allclose(_run(out, feeds), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_improves_int8_fidelity_end_to_end(tmp_path):
+    from edgeq import api
+
+    path = tmp_path / "block.onnx"
+    onnx.save(_block(), str(path))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([f["x"] for f in _data(16)]))
+    feeds = _data(8, seed=11)
+    ref = _run(_block(), feeds)
+    base = load_profile("tensorrt")
+    sqnr = {}
+    for label, passes in (("plain", ()), ("smooth", (PassSpec(name="smoothquant"),))):
+        prof = dataclasses.replace(base, passes=passes)
+        r = api.quantize(path, target=prof, calib=str(calib), output=tmp_path / f"{label}.onnx", check=False)
+        assert r.report["quantization"]["compute_ops_quantized"] == 5
+        sqnr[label] = sqnr_db(ref, _run(onnx.load(str(tmp_path / f"{label}.onnx")), feeds))
+    assert sqnr["smooth"] > sqnr["plain"] + 3.0, sqnr
+
+
+def test_skips_nonconstant_weight_and_nonlinear_sharing():
+    extra = [helper.make_node("Transpose", ["ln"], ["lnT"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["ln", "lnT"], ["gram"])]  # activation x activation: weight not constant
+    m = _block(extra_nodes=extra)
+    m.graph.output.append(helper.make_tensor_value_info("gram", TensorProto.FLOAT, None))
+    out, res = _smooth(m)
+    reasons = " | ".join(s.reason for s in res.skipped)
+    assert "Transpose" in reasons  # ln is shared with a non-linear consumer
+    ln = next(n for n in out.graph.node if n.op_type == "LayerNormalization")
+    assert ln.input[1] == "gamma"  # untouched
+    feeds = _data(2)
+    s0 = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    s1 = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    for a, b in zip(s0.run(None, feeds[0]), s1.run(None, feeds[0])):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
+
+
+def test_weights_only_profile_skips_everything():
+    m = _block()
+    out, res = _smooth(m, profile=load_profile("coreml"))
+    assert res.rewrites == 0 and len(res.skipped) == 2
+    assert all("does not quantize these activations" in s.reason for s in res.skipped)
+
+
+def test_no_mul_inserted_when_disabled():
+    out, res = _smooth(_block(), insert_mul=False)
+    assert res.rewrites == 1 and "Mul" not in [n.op_type for n in out.graph.node]
+    assert any("cannot absorb" in s.reason for s in res.skipped)
+
+
+def test_bad_alpha_is_a_profile_error():
+    from edgeq.errors import ProfileError
+
+    with pytest.raises(ProfileError, match="alpha"):
+        make_pass("smoothquant", {"alpha": 1.5})
