@@ -3,8 +3,8 @@
 Everything goes through ONNX Runtime's QNN execution provider from the optional ``onnxruntime-qnn`` 2.x package
 (``pip install 'edgeq[qnn]'``), a *plugin* EP: its library is registered with
 ``onnxruntime.register_execution_provider_library`` and selected per session with
-``SessionOptions.add_provider_for_devices``. On Linux x86_64 the wheel's HTP backend (``libQnnHtp.so``) is an
-emulator, so models compile and run bit-faithfully without a Snapdragon device, just slowly.
+``SessionOptions.add_provider_for_devices``. On Linux x86_64 the wheel's HTP backend (``libQnnHtp.so``) runs
+as an emulator, so models compile and run with HTP numerics without a Snapdragon device (slowly).
 
 CPU fallback is off by default (``session.disable_cpu_ep_fallback=1``): a model with a node QNN does not take
 fails with a :class:`~edgeq.errors.CompileError` naming the nodes and the EP's reasons, instead of silently running
@@ -14,6 +14,7 @@ part of the graph on the CPU. :func:`node_placement` answers the same question w
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -25,12 +26,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeq.backends.qnn_log import capture_native_stderr, parse_rejections
-from edgeq.backends.qnn_ops import (  # noqa: F401  (re-exported for the linter)
+from edgeq.backends.qnn_ops import (  # re-exported for the linter
     HTP_KNOWN_FAILURES,
     HTP_PATTERN_ONLY_OPS,
     HTP_QDQ_CONSTRAINTS,
@@ -38,6 +39,7 @@ from edgeq.backends.qnn_ops import (  # noqa: F401  (re-exported for the linter)
     HTP_SUPPORTED_OPS,
     HtpQdqConstraints,
 )
+from edgeq.backends.qnn_options import PERFORMANCE_MODES, QnnOptions
 from edgeq.backends.qnn_placement import (
     QNN_EP,
     NodeAssignment,
@@ -46,7 +48,7 @@ from edgeq.backends.qnn_placement import (
     offending_nodes_message,
     original_name,
 )
-from edgeq.backends.qnn_soc import KNOWN_SOCS, SocTarget, lookup_soc, parse_htp_arch, resolve_soc
+from edgeq.backends.qnn_soc import KNOWN_SOCS, SocInfo, resolve_soc
 from edgeq.errors import (
     BackendUnavailableError,
     CalibrationDataError,
@@ -63,23 +65,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HTP_KNOWN_FAILURES", "HTP_PATTERN_ONLY_OPS", "HTP_QDQ_CONSTRAINTS", "HTP_SUPPORTED_CONTRIB_OPS",
-    "HTP_SUPPORTED_OPS", "KNOWN_SOCS", "NodeAssignment", "OutputFile", "QnnCompileResult", "QnnOptions",
-    "QnnPlacement", "compile_context", "create_session", "load_context_model", "node_placement", "qnn_available",
-    "resolve_soc", "run_on_qnn",
+    "HTP_SUPPORTED_OPS", "KNOWN_SOCS", "PERFORMANCE_MODES", "HtpQdqConstraints", "NodeAssignment", "OutputFile",
+    "QnnCompileResult", "QnnOptions", "QnnPlacement", "SocInfo", "compile_context", "create_session",
+    "load_context_model", "make_runner", "node_placement", "qnn_available", "resolve_soc", "run_on_qnn",
 ]  # fmt: skip
 
 _LOG = logging.getLogger(__name__)
 _REGISTER_LOCK = threading.Lock()
 
-PERFORMANCE_MODES = (
-    "default", "burst", "balanced", "high_performance", "sustained_high_performance", "high_power_saver",
-    "power_saver", "low_power_saver", "low_balanced", "extreme_power_saver",
-)  # fmt: skip
-
 # ORT's messages for the two ways a partition fails when CPU fallback is off.
 _FALLBACK_DISABLED = "fallback to CPU EP has been explicitly disabled"
 _NHWC_REJECTED = re.compile(r"Node '(?P<name>[^']+)' OpType:(?P<op>\w+) with domain:\S+ was inserted using the NHWC")
-_LOAD_ERRORS = ("NoSuchFile", "InvalidProtobuf", "InvalidGraph", "ModelLoaded")
+_LOAD_ERRORS = ("NoSuchFile", "InvalidProtobuf", "InvalidGraph")
 
 
 # --------------------------------------------------------------------------------------------------- availability
@@ -96,10 +93,14 @@ def qnn_available() -> bool:
 def _import_qnn():
     qnn = require_module("onnxruntime_qnn", "qnn", "The QNN HTP backend")
     ort = require_module("onnxruntime", "qnn", "The QNN HTP backend")
-    if not hasattr(qnn, "get_library_path") or not hasattr(ort, "register_execution_provider_library"):
+    plugin_api = hasattr(ort, "register_execution_provider_library") and hasattr(
+        ort.InferenceSession, "get_provider_graph_assignment_info"
+    )
+    if not hasattr(qnn, "get_library_path") or not plugin_api:
         raise BackendUnavailableError(
-            "The QNN HTP backend needs onnxruntime-qnn >= 2.0 (a plugin execution provider) and onnxruntime >= "
-            f"1.23; found onnxruntime {ort.__version__}. Install it with: pip install -U 'edgeq[qnn]'"
+            "The QNN HTP backend needs onnxruntime-qnn >= 2.0 (a plugin execution provider) and an onnxruntime "
+            f"with the plugin-EP and EP-assignment APIs; found onnxruntime {ort.__version__}, onnxruntime-qnn "
+            f"{getattr(qnn, '__version__', '?')}. Upgrade with: pip install -U 'edgeq[qnn]'"
         )
     return qnn
 
@@ -113,102 +114,14 @@ def _qnn_devices(ort) -> list:
             try:
                 ort.register_execution_provider_library(QNN_EP, qnn.get_library_path())
             except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail type
-                raise BackendUnavailableError(f"cannot load the QNN EP library {qnn.get_library_path()}: {exc}") from None
+                raise BackendUnavailableError(
+                    f"cannot load the QNN EP library {qnn.get_library_path()}: {exc}"
+                ) from None
             devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
     if not devices:
         raise BackendUnavailableError("the QNN EP library loaded but offers no device to run on")
     npus = [d for d in devices if d.device.type == ort.OrtHardwareDeviceType.NPU]
     return npus or devices  # on x86_64 the HTP emulator shows up as a CPU-type device
-
-
-# -------------------------------------------------------------------------------------------------------- options
-@dataclass(frozen=True, kw_only=True)
-class QnnOptions:
-    """QNN EP settings. Build from a ``--soc`` value with :meth:`for_soc`; see :mod:`edgeq.backends.qnn_soc`.
-
-    ``soc_model`` is a chip name or QNN SoC ID from :data:`KNOWN_SOCS` (normalised to the chip name) and implies
-    ``htp_arch``; ``htp_arch`` alone (``"v73"`` or ``"73"``, normalised to ``"v73"``) targets an HTP generation.
-    Neither set: the EP compiles for whatever device it finds (on x86_64, the emulator's default).
-    """
-
-    soc_model: str | None = None
-    htp_arch: str | None = None
-    backend: Literal["htp"] = "htp"
-    #: Fail instead of running nodes QNN does not take on the CPU (also makes QNN quantize graph inputs itself).
-    disable_cpu_fallback: bool = True
-    htp_performance_mode: str = "default"
-    #: Let the HTP run float32 ops (if any remain) in fp16; QDQ groups are unaffected.
-    enable_htp_fp16_precision: bool = True
-    #: 0 = EP default, 1 = fastest preparation, 3 = slowest preparation and best graph.
-    graph_optimization_mode: int = 0
-    vtcm_mb: int | None = None
-    #: Run the graph inputs' QuantizeLinear and outputs' DequantizeLinear on the CPU (the EP's default is on;
-    #: edgeq turns it off so that the whole QDQ graph, I/O conversion included, is what the HTP runs).
-    offload_graph_io_quantization: bool = False
-
-    def __post_init__(self) -> None:
-        if self.backend != "htp":
-            raise EdgeqError(f"unsupported QNN backend {self.backend!r}; edgeq targets the HTP only (backend='htp')")
-        arch = parse_htp_arch(self.htp_arch) if self.htp_arch is not None else None
-        if self.soc_model is not None:
-            soc = lookup_soc(self.soc_model)
-            if arch is not None and arch != soc.htp_arch:
-                raise EdgeqError(
-                    f"soc_model {soc.name} ({soc.device}) has HTP v{soc.htp_arch}, not v{arch}; drop htp_arch or fix it"
-                )
-            object.__setattr__(self, "soc_model", soc.name)
-            arch = soc.htp_arch
-        if arch is not None:
-            object.__setattr__(self, "htp_arch", f"v{arch}")
-        if self.htp_performance_mode not in PERFORMANCE_MODES:
-            raise EdgeqError(
-                f"unknown htp_performance_mode {self.htp_performance_mode!r}; valid: {', '.join(PERFORMANCE_MODES)}"
-            )
-        if self.graph_optimization_mode not in (0, 1, 2, 3):
-            raise EdgeqError(f"graph_optimization_mode must be 0, 1, 2 or 3, not {self.graph_optimization_mode!r}")
-        if self.vtcm_mb is not None and self.vtcm_mb <= 0:
-            raise EdgeqError(f"vtcm_mb must be a positive number of MB, not {self.vtcm_mb!r}")
-
-    @classmethod
-    def for_soc(cls, soc: str | None, **options) -> QnnOptions:
-        """Options for a user's ``--soc`` value (chip name like ``SM8650`` or ``v75``; ``None``: no target)."""
-        if soc is None:
-            return cls(**options)
-        target = resolve_soc(soc)
-        if target.soc is not None:
-            return cls(soc_model=target.soc.name, **options)
-        return cls(htp_arch=f"v{target.htp_arch}", **options)
-
-    @property
-    def target(self) -> SocTarget | None:
-        if self.soc_model is not None:
-            soc = KNOWN_SOCS[self.soc_model]
-            return SocTarget(soc=soc, htp_arch=soc.htp_arch)
-        return SocTarget(soc=None, htp_arch=parse_htp_arch(self.htp_arch)) if self.htp_arch else None
-
-    def provider_options(self) -> dict[str, str]:
-        """The QNN EP provider options (string key/values) these settings map to."""
-        options = {
-            "backend_type": self.backend,
-            "htp_performance_mode": self.htp_performance_mode,
-            "offload_graph_io_quantization": "1" if self.offload_graph_io_quantization else "0",
-        }
-        if self.soc_model is not None:
-            options["soc_model"] = str(KNOWN_SOCS[self.soc_model].soc_model)
-        # The EP refuses an explicit "1" without a soc_model, although "1" is its default.
-        if not self.enable_htp_fp16_precision or self.soc_model is not None:
-            options["enable_htp_fp16_precision"] = "1" if self.enable_htp_fp16_precision else "0"
-        if self.htp_arch is not None:
-            options["htp_arch"] = self.htp_arch.removeprefix("v")
-        if self.graph_optimization_mode:
-            options["htp_graph_finalization_optimization_mode"] = str(self.graph_optimization_mode)
-        if self.vtcm_mb is not None:
-            options["vtcm_mb"] = str(self.vtcm_mb)
-        return options
-
-    def describe(self) -> str:
-        target = self.target
-        return f"QNN HTP ({target.label})" if target else "QNN HTP (no SoC set)"
 
 
 # -------------------------------------------------------------------------------------------------- model checks
@@ -240,12 +153,14 @@ def _check_static_shapes(model: onnx.ModelProto, path: Path) -> None:
     initializers = {init.name for init in model.graph.initializer}
     dynamic = []
     for value in model.graph.input:
+        tensor = value.type.tensor_type
         if value.name in initializers or not value.type.HasField("tensor_type"):
             continue
-        shape = value.type.tensor_type.shape
-        dims = [d.dim_param or (str(d.dim_value) if d.dim_value > 0 else "?") for d in shape.dim]
-        if not value.type.tensor_type.HasField("shape") or any(not d.isdigit() for d in dims):
-            dynamic.append(f"{value.name} [{', '.join(dims) if value.type.tensor_type.HasField('shape') else '?'}]")
+        dims = [d.dim_param or (str(d.dim_value) if d.dim_value > 0 else "?") for d in tensor.shape.dim]
+        if not tensor.HasField("shape"):
+            dynamic.append(f"{value.name} (unknown rank)")
+        elif not all(d.isdigit() for d in dims):
+            dynamic.append(f"{value.name} [{', '.join(dims)}]")
     if dynamic:
         raise CompileError(
             f"{path}: QNN HTP needs static input shapes; dynamic: {'; '.join(dynamic)}. Fix them first, e.g. "
@@ -254,7 +169,9 @@ def _check_static_shapes(model: onnx.ModelProto, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- sessions
-def _session_options(options: QnnOptions, *, allow_fallback: bool, verbose: bool = False, config: Mapping[str, str] = {}):  # noqa: B006 - read only
+def _session_options(
+    options: QnnOptions, *, allow_fallback: bool, verbose: bool = False, config: Mapping[str, str] | None = None
+):
     import onnxruntime as ort
 
     devices = _qnn_devices(ort)
@@ -263,7 +180,7 @@ def _session_options(options: QnnOptions, *, allow_fallback: bool, verbose: bool
     session_options.log_severity_level = 0 if verbose else (1 if _LOG.isEnabledFor(logging.DEBUG) else 4)
     session_options.add_session_config_entry("session.disable_cpu_ep_fallback", "0" if allow_fallback else "1")
     session_options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    for key, value in config.items():
+    for key, value in (config or {}).items():
         session_options.add_session_config_entry(key, value)
     session_options.add_provider_for_devices(devices, options.provider_options())
     return session_options
@@ -304,7 +221,11 @@ def _translate_failure(exc: Exception, path: Path, options: QnnOptions, model: o
             "because of its quantization (per-channel weights need zero points of 0; weights must be 8-bit). "
             f"ONNX Runtime said: {message}"
         )
-    return CompileError(f"{path}: {options.describe()} could not compile the model: {message}")
+    hint = ""
+    if "MEM_ALLOC" in message and options.target is None and options.vtcm_mb is None:
+        hint = (" Without a SoC, HTP arch or vtcm_mb the x86_64 HTP emulator has no VTCM and fails ops that need"
+                " it; set one (e.g. --soc SM8650).")  # fmt: skip
+    return CompileError(f"{path}: {options.describe()} could not compile the model: {message}{hint}")
 
 
 def create_session(model_path: str | os.PathLike, *, options: QnnOptions | None = None) -> onnxruntime.InferenceSession:
@@ -313,9 +234,11 @@ def create_session(model_path: str | os.PathLike, *, options: QnnOptions | None 
     With ``options.disable_cpu_fallback`` (the default) a model with any node QNN does not take raises a
     :class:`CompileError` listing those nodes and why QNN refused them.
     """
-    options = options or QnnOptions()
     path = _check_model_path(model_path)
-    model = _load_proto(path)
+    return _create_session(path, _load_proto(path), options or QnnOptions())
+
+
+def _create_session(path: Path, model: onnx.ModelProto, options: QnnOptions) -> onnxruntime.InferenceSession:
     _check_static_shapes(model, path)
     session_options = _session_options(options, allow_fallback=not options.disable_cpu_fallback)
     session = _open_session(path, session_options, options, model)
@@ -470,25 +393,35 @@ def compile_context(
         qnn_sdk_version=sdk.decode() if isinstance(sdk, bytes) else str(sdk),
         wall_time_s=time.perf_counter() - started,
     )
-    _LOG.info("compiled %s -> %s (%d nodes on QNN, %.1f s)", source, output, len(result.nodes_on_qnn), result.wall_time_s)
+    _LOG.info(
+        "compiled %s -> %s (%d nodes on QNN, %.1f s)", source, output, len(result.nodes_on_qnn), result.wall_time_s
+    )
     return result
 
 
-def load_context_model(model_path: str | os.PathLike, *, options: QnnOptions | None = None) -> onnxruntime.InferenceSession:
+def load_context_model(
+    model_path: str | os.PathLike, *, options: QnnOptions | None = None
+) -> onnxruntime.InferenceSession:
     """A QNN session for an EP-context model written by :func:`compile_context` (checks its binary is there)."""
+    path = _check_model_path(model_path)
+    model = _load_proto(path)
+    _check_context_binaries(path, model)
+    return _create_session(path, model, options or QnnOptions())
+
+
+def _check_context_binaries(path: Path, model: onnx.ModelProto) -> None:
     import onnx
 
-    path = _check_model_path(model_path)
-    context_nodes = _ep_context_nodes(_load_proto(path))
+    context_nodes = _ep_context_nodes(model)
     if not context_nodes:
         raise ModelLoadError(f"{path} is not an EP-context model (no com.microsoft EPContext node); run compile first")
     for node in context_nodes:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attributes.get("embed_mode", 1) == 0:
+        # Only the main EPContext node of a context names the binary; the others refer to it by graph name.
+        if attributes.get("embed_mode", 1) == 0 and "ep_cache_context" in attributes:
             binary = path.parent / attributes["ep_cache_context"].decode()
             if not binary.is_file():
                 raise ModelLoadError(f"{path} refers to the context binary {binary}, which is missing")
-    return create_session(path, options=options)
 
 
 # ------------------------------------------------------------------------------------------------------------ runs
@@ -512,7 +445,9 @@ def _check_feed(feed: Mapping[str, np.ndarray], inputs: dict, index: int) -> dic
         dtype = _NUMPY_TYPES.get(spec.type)
         if dtype is not None and array.dtype != dtype:
             if np.dtype(dtype).kind != array.dtype.kind:
-                raise CalibrationDataError(f"sample {index}: input {name!r} is {array.dtype}, the model takes {spec.type}")
+                raise CalibrationDataError(
+                    f"sample {index}: input {name!r} is {array.dtype}, the model takes {spec.type}"
+                )
             array = array.astype(dtype)
         if list(array.shape) != list(spec.shape):
             raise CalibrationDataError(
@@ -522,6 +457,29 @@ def _check_feed(feed: Mapping[str, np.ndarray], inputs: dict, index: int) -> dic
     return checked
 
 
+def make_runner(model_path: str | os.PathLike, *, options: QnnOptions | None = None):
+    """``run(feed) -> [outputs]`` on the QNN HTP for a QDQ or EP-context model, as ``edgeq validate`` uses it.
+
+    The callable has ``output_names`` (the model's output order) and ``session``; compile errors are raised
+    here, before any sample runs.
+    """
+    path = _check_model_path(model_path)
+    model = _load_proto(path)
+    if _ep_context_nodes(model):
+        _check_context_binaries(path, model)
+    session = _create_session(path, model, options or QnnOptions())
+    inputs = {spec.name: spec for spec in session.get_inputs()}
+    names = [spec.name for spec in session.get_outputs()]
+    calls = itertools.count()
+
+    def run(feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(names, _check_feed(feed, inputs, next(calls)))
+
+    run.output_names = names  # type: ignore[attr-defined]
+    run.session = session  # type: ignore[attr-defined]
+    return run
+
+
 def run_on_qnn(
     model_path: str | os.PathLike, feeds: Iterable[Mapping[str, np.ndarray]], *, options: QnnOptions | None = None
 ) -> Iterator[list[np.ndarray]]:
@@ -529,16 +487,5 @@ def run_on_qnn(
 
     The session is created (and compile errors raised) before this returns; the feeds are consumed lazily.
     """
-    path = _check_model_path(model_path)
-    if _ep_context_nodes(_load_proto(path)):
-        session = load_context_model(path, options=options)
-    else:
-        session = create_session(path, options=options)
-    inputs = {spec.name: spec for spec in session.get_inputs()}
-
-    def outputs() -> Iterator[list[np.ndarray]]:
-        for index, feed in enumerate(feeds):
-            yield session.run(None, _check_feed(feed, inputs, index))
-            _LOG.debug("QNN sample %d done", index)
-
-    return outputs()
+    run = make_runner(model_path, options=options)
+    return (run(feed) for feed in feeds)

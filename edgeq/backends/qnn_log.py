@@ -11,8 +11,8 @@ ORT's C++ logger writes to the process's stderr (file descriptor 2), out of Pyth
 
 and, a few lines before it, the QNN backend's complaint about a node: a warning ``QNN.backendValidateOpConfig()
 failed for node `op` of type `LayerNorm` with error code 3110`` and, when ORT's default logger is verbose too,
-the backend's own ``<E> Unsupported input/output datatypes requested for the HTP Op 'LayerNorm' in the node 'op'``. :func:`parse_rejections` turns these into
-``{node name: reason}``.
+the backend's own ``<E> Unsupported input/output datatypes requested for the HTP Op 'LayerNorm' in the node
+'op'``. :func:`parse_rejections` turns these into ``{node name: reason}``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ _FAILED = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((?P<unit
 _MEMBER = re.compile(r"^\s*Operator type: (?P<op>\S+) Node name: (?P<name>.*?) Node index: \d+\s*$")
 _REASON = re.compile(r"^\s*REASON : (?P<reason>.*\S)")
 _QNN_ERROR = re.compile(r"<E> (?P<msg>.*?in the node '(?P<name>[^']*)'.*?)\s*$")
-_VALIDATOR = re.compile(r"backendValidateOpConfig\(\) failed for node `(?P<name>[^`]*)` of type `(?P<op>[^`]*)`"
-                        r" with error code (?P<code>\d+)")
+_VALIDATOR = re.compile(
+    r"backendValidateOpConfig\(\) failed for node `(?P<name>[^`]*)` of type `(?P<op>[^`]*)`"
+    r" with error code (?P<code>\d+)"
+)
 _NOT_ASSIGNED = re.compile(r"(?<=\.)\s*\w+ node `[^`]*` will not be assigned to QNN EP\.?$")
 
 
@@ -65,8 +67,9 @@ def parse_rejections(log_text: str) -> dict[str, str]:
             backend_errors[match["name"]] = match["msg"]
         elif (match := _VALIDATOR.search(raw)) is not None:
             backend_errors.setdefault(
-                match["name"], f"the HTP op validator rejected it as QNN {match['op']}, error {match['code']}; "
-                "usually an unsupported dtype combination"
+                match["name"],
+                f"the HTP op validator rejected it as QNN {match['op']}, error {match['code']}; "
+                "usually an unsupported dtype combination",
             )
         elif _FAILED.search(raw) is not None:
             members = []

@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 #: ai.onnx op types the QNN EP takes on the HTP backend (the default ONNX domain).
 HTP_SUPPORTED_OPS: frozenset[str] = frozenset(
     {
-        "Abs", "Add", "And", "ArgMax", "ArgMin", "Asin", "Atan", "AveragePool", "BatchNormalization", "Cast",
-        "Ceil", "Clip", "Concat", "Conv", "ConvTranspose", "Cos", "CumSum", "DepthToSpace", "DequantizeLinear",
-        "Div", "Dropout", "Einsum", "Elu", "Equal", "Exp", "Expand", "Flatten", "Floor", "GRU", "Gather",
-        "GatherElements", "GatherND", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater",
-        "GreaterOrEqual", "GridSample", "HardSigmoid", "HardSwish", "Identity", "Inverse", "IsNaN", "LRN",
-        "LSTM", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LpNormalization",
-        "LpPool", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mul", "Neg", "NonZero", "Not", "Or", "PRelu", "Pad",
-        "Pow", "QuantizeLinear", "RMSNormalization", "RandomNormalLike", "RandomUniformLike", "Reciprocal",
-        "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "RoiAlign",
-        "Round", "RotaryEmbedding", "STFT", "ScatterElements", "ScatterND", "Sigmoid", "Sign", "Sin", "Slice",
-        "Softmax", "Softplus", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "Tile",
-        "TopK", "Transpose", "Unsqueeze", "Upsample", "Where",
+        "Abs", "Add", "And", "ArgMax", "ArgMin", "Asin", "Atan", "AveragePool", "BatchNormalization", "Cast", "Ceil",
+        "Clip", "Concat", "Conv", "ConvTranspose", "Cos", "CumSum", "DepthToSpace", "DequantizeLinear", "Div",
+        "Dropout", "Einsum", "Elu", "Equal", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements",
+        "GatherND", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample",
+        "GRU", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization", "Inverse", "IsNaN",
+        "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LpNormalization", "LpPool",
+        "LRN", "LSTM", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mod", "Mul", "Neg", "NonZero", "Not", "Or", "Pad",
+        "Pow", "PRelu", "QuantizeLinear", "RandomNormalLike", "RandomUniformLike", "Reciprocal", "ReduceL2",
+        "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "RMSNormalization",
+        "RoiAlign", "RotaryEmbedding", "Round", "ScatterElements", "ScatterND", "Selu", "Sigmoid", "Sign", "Sin",
+        "Slice", "Softmax", "Softplus", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "STFT", "Sub", "Sum", "Tan", "Tanh",
+        "ThresholdedRelu", "Tile", "TopK", "Transpose", "Unsqueeze", "Upsample", "Where",
     }
 )  # fmt: skip
 
@@ -39,19 +39,18 @@ HTP_SUPPORTED_CONTRIB_OPS: frozenset[str] = frozenset(
 
 #: Op types the EP takes only as part of a fused pattern, never on their own.
 HTP_PATTERN_ONLY_OPS: dict[str, str] = {
-    "Erf": "only inside the Gelu decomposition x * 0.5 * (1 + Erf(x / sqrt(2))), which the EP fuses into Gelu",
+    "Erf": "only inside the Gelu decomposition x * 0.5 * (1 + Erf(x / sqrt(2))), which the EP fuses into Gelu, "
+    "and only when the pattern's interior tensors carry no Q/DQ (quantize its input and output only)",
     "ConvInteger": "only as DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul with constant 8-bit weights",
     "MatMulInteger": "only as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul with constant 8-bit weights",
     "DynamicQuantizeLinear": "only feeding a ConvInteger or MatMulInteger pattern",
 }
 
 #: Documented as supported, but refused or failing on HTP for uint8 QDQ models with onnxruntime-qnn 2.7.0.
+#: (Selu, ThresholdedRelu, Mod, InstanceNormalization and the fused Erf-Gelu compile only when a SoC, an HTP
+#: arch or ``vtcm_mb`` is set: without one the x86_64 emulator fails them with QNN_COMMON_ERROR_MEM_ALLOC.)
 HTP_KNOWN_FAILURES: dict[str, str] = {
     "ReduceProd": "a QDQ ReduceProd group is not taken (falls back to the CPU)",
-    "Selu": "accepted, but QNN graph finalisation fails (QNN_COMMON_ERROR_MEM_ALLOC)",
-    "ThresholdedRelu": "accepted, but QNN graph finalisation fails (QNN_COMMON_ERROR_MEM_ALLOC)",
-    "Mod": "accepted, but QNN graph finalisation fails (QNN_COMMON_ERROR_MEM_ALLOC)",
-    "InstanceNormalization": "accepted, but QNN graph finalisation fails (QNN_COMMON_ERROR_MEM_ALLOC)",
     "GroupNormalization": "claimed for the NHWC layout and then rejected, which fails session creation",
 }
 

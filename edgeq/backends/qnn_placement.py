@@ -5,10 +5,12 @@ ONNX Runtime records, per session, the subgraphs it gave each execution provider
 back to the model's nodes here:
 
 - QNN needs NHWC, so ORT's layout transformer replaces a Conv ``c1`` by ``c1_token_<n>`` (domain
-  ``com.ms.internal.nhwc``) and adds Transposes and Q/DQ copies around it; the renamed node is mapped back to
-  ``c1`` and the additions are reported as ``inserted``.
-- Basic graph optimisations run before partitioning and may delete a node (an Identity, a Dropout); it is
-  reported as ``removed`` (it runs nowhere).
+  ``com.ms.internal.nhwc``) and adds Transposes and Q/DQ copies around it; a DequantizeLinear ``d`` feeding
+  several QDQ groups is copied once per consumer (``d/duplicated``). Renamed nodes are mapped back to their
+  source; nodes ORT made up are reported as ``inserted``.
+- Basic graph optimisations run before partitioning and may delete a node (an Identity, a Dropout), and the
+  layout transformer may replace a Q/DQ by a fresh, differently named one. Such model nodes are reported as
+  ``rewritten``: they do not run under their own name, and whatever replaced them is among ``inserted``.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from pathlib import Path
 QNN_EP = "QNNExecutionProvider"
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
-_LAYOUT_RENAMED = re.compile(r"^(?P<base>.+)_token_\d+$")
+_RENAMED = re.compile(r"^(?P<base>.+?)(?:_token_\d+|/duplicated)$")
 
 
 @dataclass(frozen=True)
 class NodeAssignment:
-    """One node and the execution provider that runs it (``None``: ORT removed it before partitioning)."""
+    """One node and the execution provider that runs it (``None``: ORT removed or replaced it first)."""
 
     name: str
     op_type: str
@@ -69,7 +71,8 @@ class QnnPlacement:
         return tuple(node for node in self.nodes if node.ep is not None and not node.on_qnn)
 
     @property
-    def removed(self) -> tuple[NodeAssignment, ...]:
+    def rewritten(self) -> tuple[NodeAssignment, ...]:
+        """Model nodes ORT removed or replaced before partitioning (see the module docstring)."""
         return tuple(node for node in self.nodes if node.ep is None)
 
     @property
@@ -86,19 +89,19 @@ class QnnPlacement:
             "qnn_partitions": self.qnn_partitions,
             "on_qnn": rows(self.on_qnn),
             "not_on_qnn": rows(self.not_on_qnn),
-            "removed": rows(self.removed),
+            "rewritten": rows(self.rewritten),
             "inserted": rows(self.inserted),
         }
 
 
 def original_name(name: str, model_nodes: dict[str, str]) -> str | None:
     """The model node an assigned node came from, or ``None`` if ORT created it."""
-    if name in model_nodes:
-        return name
-    match = _LAYOUT_RENAMED.match(name)
-    if match is not None and match["base"] in model_nodes:
-        return match["base"]
-    return None
+    while name not in model_nodes:
+        match = _RENAMED.match(name)
+        if match is None:
+            return None
+        name = match["base"]
+    return name
 
 
 def build_placement(

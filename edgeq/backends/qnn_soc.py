@@ -81,9 +81,7 @@ def parse_htp_arch(value: str | int) -> int:
     text = str(value).strip().lower().removeprefix("v")
     if text.isdigit() and int(text) in HTP_ARCHS:
         return int(text)
-    raise EdgeqError(
-        f"unknown HTP architecture {value!r}; valid values: {', '.join(f'v{a}' for a in HTP_ARCHS)}"
-    )
+    raise EdgeqError(f"unknown HTP architecture {value!r}; valid values: {', '.join(f'v{a}' for a in HTP_ARCHS)}")
 
 
 def lookup_soc(value: str | int) -> SocInfo:
@@ -95,8 +93,9 @@ def lookup_soc(value: str | int) -> SocInfo:
         for soc in KNOWN_SOCS.values():
             if soc.soc_model == int(text):
                 return soc
+    hint = " (an HTP architecture goes in htp_arch, or use QnnOptions.for_soc)" if text.startswith("V") else ""
     raise EdgeqError(
-        f"unknown Snapdragon SoC {value!r}; valid chip names: {', '.join(KNOWN_SOCS)} "
+        f"unknown Snapdragon SoC {value!r}{hint}; valid chip names: {', '.join(KNOWN_SOCS)} "
         f"(or their QNN soc_model IDs: {', '.join(str(s.soc_model) for s in KNOWN_SOCS.values())})"
     )
 
