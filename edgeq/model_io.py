@@ -61,6 +61,13 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True, chec
             f"{p} uses opset {opset}; edgeq needs opset >= {MIN_OPSET}. Re-export the model with a newer opset "
             f"(e.g. torch.onnx.export(..., opset_version=17))"
         )
+    if opset > onnx.defs.onnx_opset_version():
+        raise UnsupportedModelError(
+            f"{p} uses opset {opset}, newer than this onnx {onnx.__version__} knows (up to "
+            f"{onnx.defs.onnx_opset_version()}); upgrade onnx and onnxruntime or re-export with an older opset"
+        )
+    check_structure(model.graph, p)
+    _check_known_ops(model, p)
     _check_external_files(model, p)
     if load_external_data:
         try:
@@ -91,6 +98,67 @@ def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(
             f"{path}: external data file(s) not found next to the model: {', '.join(sorted(missing))}"
         )
+
+
+def check_structure(graph: onnx.GraphProto, path: Path | str = "<model>") -> None:
+    """Dataflow sanity of the main graph, checked even when the full checker is skipped: every tensor has one
+    producer, every node input is produced somewhere, and there is no cycle (the order of nodes may be unsorted)."""
+    producer: dict[str, str] = {i.name: "graph input" for i in graph.input}
+    producer.update((i.name, "initializer") for i in graph.initializer)
+    for k, node in enumerate(graph.node):
+        label = f"node {node.name or k} ({node.op_type})"
+        for out in node.output:
+            if out and out in producer:
+                raise ModelLoadError(f"{path} is not a valid ONNX graph: tensor {out!r} is written by both "
+                                     f"{producer[out]} and {label}")
+            if out:
+                producer[out] = label
+    for k, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in producer:
+                raise ModelLoadError(f"{path} is not a valid ONNX graph: node {node.name or k} ({node.op_type}) "
+                                     f"reads {name!r}, which no node, graph input or initializer provides")
+    for out in graph.output:
+        if out.name not in producer:
+            raise ModelLoadError(f"{path} is not a valid ONNX graph: graph output {out.name!r} is not produced")
+    _check_acyclic(graph, path)
+
+
+def _check_known_ops(model: onnx.ModelProto, path: Path) -> None:
+    local = {(f.domain, f.name) for f in model.functions}
+    for k, node in enumerate(model.graph.node):
+        if node.domain in ("", "ai.onnx") and (node.domain, node.op_type) not in local and \
+                not onnx.defs.has(node.op_type):
+            raise ModelLoadError(f"{path} is not a valid ONNX graph: node {node.name or k} uses {node.op_type!r}, "
+                                 f"which is not an ONNX operator (a custom op needs its own domain)")
+
+
+def _check_acyclic(graph: onnx.GraphProto, path: Path | str) -> None:
+    writer = {out: k for k, node in enumerate(graph.node) for out in node.output if out}
+    deps = [{writer[i] for i in node.input if i in writer} for node in graph.node]
+    users: dict[int, list[int]] = {}
+    for k, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(k)
+    waiting = [len(d) for d in deps]
+    ready = [k for k, n in enumerate(waiting) if n == 0]
+    done = 0
+    while ready:
+        k = ready.pop()
+        done += 1
+        for u in users.get(k, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if done < len(graph.node):
+        # Every node left waiting depends on another one left waiting: walk those links until one repeats.
+        walk, k = [], next(k for k, n in enumerate(waiting) if n > 0)
+        while k not in walk:
+            walk.append(k)
+            k = next(j for j in deps[k] if waiting[j] > 0)
+        cycle = walk[walk.index(k):][::-1]
+        names = " -> ".join(f"{graph.node[j].name or j} ({graph.node[j].op_type})" for j in cycle[:6])
+        raise ModelLoadError(f"{path} is not a valid ONNX graph: it contains a cycle: {names}")
 
 
 def check_model(model: onnx.ModelProto, path: Path | str = "<model>") -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import logging
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,7 +90,14 @@ PASS_MODULES = {
 def pass_class(name: str) -> type[GraphPass]:
     if name not in PASS_MODULES:
         raise ProfileError(f"unknown pass {name!r}; valid passes: {', '.join(sorted(PASS_MODULES))}")
-    module = importlib.import_module(f"edgeq.passes.{PASS_MODULES[name]}")
+    module_name = f"edgeq.passes.{PASS_MODULES[name]}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise ProfileError(f"pass {name!r} is not available in this edgeq installation ({module_name} is "
+                           f"missing)") from None
     for obj in vars(module).values():
         if isinstance(obj, type) and issubclass(obj, GraphPass) and obj.name == name:
             return obj
@@ -106,6 +114,10 @@ def make_pass(name: str, options: dict[str, Any] | None = None, *, source: str =
         raise ProfileError(
             f"{source}: unknown option(s) {', '.join(unknown)} for pass {name!r}; valid: {', '.join(sorted(fields)) or 'none'}"
         )
+    from edgeq.profiles import check_value
+
+    hints = typing.get_type_hints(cls.Options)
+    opts = {k: check_value(hints[k], v, source, f"passes.{name}.options.{k}") for k, v in opts.items()}
     try:
         return cls(cls.Options(**opts))
     except (TypeError, ValueError) as exc:

@@ -9,6 +9,7 @@ key is an error naming the key, the file and the valid keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ class ActivationSpec:
     max_abs_range: float = 1.0e4
     min_real_range: float = 1.0e-5
 
+    def __post_init__(self) -> None:
+        _require(0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], got {self.percentile}")
+        _require(_positive(self.max_abs_range), f"max_abs_range must be > 0, got {self.max_abs_range}")
+        _require(_positive(self.min_real_range), f"min_real_range must be > 0, got {self.min_real_range}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class WeightSpec:
@@ -45,11 +51,18 @@ class WeightSpec:
     bias: Literal["float", "int32"] = "float"
     observer: Literal["minmax", "mse"] = "minmax"
 
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 0, f"block_size must be 0 (off) or a positive block length, got {self.block_size}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class FixedScale:
     scale: float
     zero_point: int
+
+    def __post_init__(self) -> None:
+        _require(_positive(self.scale), f"scale must be > 0, got {self.scale}")
+        _require(-32768 <= self.zero_point <= 65535, f"zero_point {self.zero_point} fits no 8/16-bit type")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +83,14 @@ class Thresholds:
     min_sqnr_db: float = 15.0
     max_abs_error: float | None = None
     min_top1_agreement: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(-1.0 <= self.min_cosine <= 1.0, f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+        _require(not math.isnan(self.min_sqnr_db), "min_sqnr_db must be a number, got nan")
+        _require(self.max_abs_error is None or self.max_abs_error >= 0,
+                 f"max_abs_error must be >= 0, got {self.max_abs_error}")
+        _require(self.min_top1_agreement is None or 0.0 <= self.min_top1_agreement <= 1.0,
+                 f"min_top1_agreement must be in [0, 1], got {self.min_top1_agreement}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +132,9 @@ class TargetProfile:
     compile: CompileSpec = field(default_factory=CompileSpec)
     source: str = ""  # where it was loaded from (not a YAML key)
 
+    def __post_init__(self) -> None:
+        _require(self.min_opset > 0, f"min_opset must be an ONNX opset number, got {self.min_opset}")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source", None)
@@ -118,6 +142,15 @@ class TargetProfile:
 
     def with_overrides(self, **changes: Any) -> "TargetProfile":
         return dataclasses.replace(self, **changes)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(x: float) -> bool:
+    return 0.0 < x < math.inf
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,10 +161,13 @@ def _builtin_dir():
     return resources.files("edgeq.targets")
 
 
+def _builtin_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
+
+
 def list_targets() -> list[TargetProfile]:
     """The built-in profiles, sorted by name."""
-    names = sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
-    return [load_profile(n) for n in names]
+    return [load_profile(n) for n in _builtin_names()]
 
 
 def load_profile(name_or_path: str | Path, *, _chain: tuple[str, ...] = ()) -> TargetProfile:
@@ -158,10 +194,21 @@ def load_profile(name_or_path: str | Path, *, _chain: tuple[str, ...] = ()) -> T
     if "name" not in merged:
         merged["name"] = Path(source).stem
     profile = _build(TargetProfile, merged, source, "")
+    _check_passes(profile, source)
     return dataclasses.replace(profile, source=source)
 
 
+def _check_passes(profile: TargetProfile, source: str) -> None:
+    """Unknown passes and pass options are profile errors at load time, not halfway through a run."""
+    from edgeq.pass_base import make_pass
+
+    for spec in profile.passes:
+        make_pass(spec.name, spec.options, source=source)
+
+
 def _read_raw(name: str) -> tuple[Any, str]:
+    if not name.strip():
+        raise ProfileError(f"empty target name; built-in targets: {', '.join(_builtin_names())} (or a path to a .yaml)")
     path = Path(name)
     if name.endswith((".yaml", ".yml")) or path.exists():
         if not path.exists():
@@ -172,8 +219,8 @@ def _read_raw(name: str) -> tuple[Any, str]:
     else:
         res = _builtin_dir() / f"{name}.yaml"
         if not res.is_file():
-            valid = sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
-            raise ProfileError(f"unknown target {name!r}; built-in targets: {', '.join(valid)} (or a path to a .yaml)")
+            raise ProfileError(f"unknown target {name!r}; built-in targets: {', '.join(_builtin_names())} "
+                               f"(or a path to a .yaml)")
         text, source = res.read_text(encoding="utf-8"), f"{name}.yaml (built-in)"
     try:
         return yaml.safe_load(text), source
@@ -210,7 +257,7 @@ def _build(cls, data: Any, source: str, where: str):
         kwargs[key] = _convert(hints[key], value, source, f"{where}.{key}" if where else key)
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ProfileError(f"{source}: {label}: {exc}") from None
 
 
@@ -264,6 +311,11 @@ def _convert(tp: Any, value: Any, source: str, where: str) -> Any:
             raise ProfileError(f"{source}: {where} must be a string, got {value!r}")
         return value
     return value
+
+
+def check_value(tp: Any, value: Any, source: str, where: str) -> Any:
+    """``value`` converted to type ``tp`` the way profile keys are (lists become tuples), or a ProfileError."""
+    return _convert(tp, value, source, where)
 
 
 def profile_yaml(profile: TargetProfile) -> str:

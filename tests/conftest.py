@@ -137,3 +137,98 @@ def digits():
     d = ROOT / "calibration_data"
     return {"model": d / "digits_cnn.onnx", "calib": d / "digits_calib.npz", "eval": d / "digits_eval.npz",
             "labels": d / "digits_eval_labels.npy"}
+
+
+# ------------------------------------------------------------------------------------------------ running the CLI
+_CLI_SERVER = r'''
+import json, os, runpy, signal, sys, time, traceback
+import edgeq.cli, edgeq.api, onnx, onnxruntime, numpy  # paid once; every command runs in a fresh fork
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.chdir(req["cwd"])
+            for fd, path in ((0, os.devnull), (1, req["stdout"]), (2, req["stderr"])):
+                os.dup2(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC if fd else os.O_RDONLY), fd)
+            sys.argv = ["edgeq", *req["args"]]
+            runpy.run_module("edgeq", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if not isinstance(exc.code, (int, type(None))):
+                print(exc.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + req["timeout"]
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            rc = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0); rc = "timeout"
+            break
+        time.sleep(0.005)
+    print(json.dumps({"rc": rc}), flush=True)
+'''
+
+
+class CliResult:
+    def __init__(self, returncode, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(rc={self.returncode!r}, stdout={self.stdout[-500:]!r}, stderr={self.stderr[-1500:]!r})"
+
+
+class CliRunner:
+    """Runs ``python -m edgeq ARGS`` in a child process forked from a warm interpreter (imports paid once).
+
+    Each command gets its own process, exit status, stdout and stderr exactly as from a shell; a command that runs
+    past ``timeout`` is killed and reported as ``returncode == "timeout"`` (a hang).
+    """
+
+    def __init__(self, workdir: Path):
+        import subprocess
+
+        self.workdir = workdir
+        env = dict(__import__("os").environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                   PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-c", _CLI_SERVER], cwd=ROOT, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.count = 0
+
+    def __call__(self, *args, cwd: Path = ROOT, timeout: float = 120) -> CliResult:
+        import json
+
+        self.count += 1
+        out, err = self.workdir / f"{self.count}.out", self.workdir / f"{self.count}.err"
+        self.proc.stdin.write(json.dumps({"args": [str(a) for a in args], "cwd": str(cwd), "timeout": timeout,
+                                          "stdout": str(out), "stderr": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise RuntimeError("the CLI runner process died")
+        return CliResult(json.loads(reply)["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def edgeq_cli(tmp_path_factory):
+    """``edgeq_cli("quantize", model, "-t", "qnn", ...)`` -> CliResult(returncode, stdout, stderr)."""
+    runner = CliRunner(tmp_path_factory.mktemp("cli-runs"))
+    yield runner
+    runner.close()
