@@ -24,7 +24,7 @@ from edgeq.model_io import check_output_path, default_opset, ensure_opset, load_
 from edgeq.pass_base import PassContext, PassManager, make_pass
 from edgeq.profiles import TargetProfile, Thresholds, load_profile
 from edgeq.quant_math import required_opset
-from edgeq.report import SCHEMA, sha256_file, tool_versions, write_report
+from edgeq.report import SCHEMA, SampleDigest, sha256_file, tool_versions, write_report
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,30 @@ def calibrate(model: str | Path | onnx.ModelProto, calib: Any, *, stats_out: str
     m = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     data = open_dataset(calib, model_inputs(m), preprocess=preprocess, limit=max_samples)
     total = data.length
-    stats = run_calibration(m, data, tensors=tensors, total=total, data_fingerprint=_data_hash(calib),
+    digest = _DataHash(calib, data)
+    stats = run_calibration(m, digest.stream, tensors=tensors, total=total,
                             progress=progress_printer("calibrating") if progress else None)
+    stats.data_fingerprint = digest.sha256 or ""
     if stats_out is not None:
         stats.save(stats_out)
     return stats
 
 
-def _data_hash(calib: Any) -> str:
-    if isinstance(calib, (str, Path)) and Path(calib).exists():
-        return sha256_file(calib) or ""
-    return str(calib) if isinstance(calib, str) else ""
+class _DataHash:
+    """The SHA-256 a report gives for data: of the file or folder when there is one, else of the samples
+    themselves (a callable, ``module:function`` or a list), hashed as they stream through ``stream``."""
+
+    def __init__(self, spec: Any, data: Any):
+        path = Path(spec) if isinstance(spec, (str, Path)) else None
+        if path is not None and path.exists():
+            self.source, self.file_sha = ("folder" if path.is_dir() else "file"), sha256_file(path)
+        else:
+            self.source, self.file_sha = ("samples" if isinstance(spec, (list, tuple)) else "callable"), None
+        self.stream = data if self.file_sha else SampleDigest(data)
+
+    @property
+    def sha256(self) -> str | None:
+        return self.file_sha or getattr(self.stream, "hexdigest", None)
 
 
 def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: Any, output: str | Path,
@@ -109,6 +122,8 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     calib_data = open_dataset(calib, inputs, preprocess=preprocess, limit=max_calib_samples)
     eval_ds = open_dataset(eval_data, inputs, preprocess=preprocess, what="evaluation data") \
         if eval_data is not None else None
+    calib_hash = _DataHash(calib, calib_data)
+    eval_hash = _DataHash(eval_data, eval_ds) if eval_ds is not None else None
     if eval_ds is not None and calib_data.fingerprint and calib_data.fingerprint == eval_ds.fingerprint:
         log.warning("evaluation data is the calibration data: fidelity will look better than it is")
     if profile.static_shapes:
@@ -130,7 +145,7 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
         needs = any(getattr(p, "needs_stats", False) for p in graph_passes)
         pre_stats = None
         if needs:
-            pre_stats = run_calibration(canonical, calib_data, total=calib_data.length,
+            pre_stats = run_calibration(canonical, calib_hash.stream, total=calib_data.length,
                                         per_channel=_channel_tensors(canonical),
                                         progress=progress_printer("calibrating (pre-pass)") if progress else None)
         graph = to_graph(canonical)
@@ -146,9 +161,9 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
             raise CalibrationDataError(f"statistics file {stats} was computed for a different model or profile; "
                                        f"delete it or choose another --stats path to recalibrate")
     else:
-        calib_stats = run_calibration(canonical, calib_data, total=calib_data.length,
-                                      data_fingerprint=_data_hash(calib),
+        calib_stats = run_calibration(canonical, calib_hash.stream, total=calib_data.length,
                                       progress=progress_printer("calibrating") if progress else None)
+        calib_stats.data_fingerprint = calib_hash.sha256 or ""
         if stats is not None:
             calib_stats.save(stats)
     timings["calibrate_s"] = time.perf_counter() - start
@@ -177,7 +192,10 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
                    "opset": default_opset(qmodel)},
         "profile": {**profile.to_dict(), "source": profile.source},
         "profile_sha256": _profile_hash(profile),
-        "calibration": {"samples": calib_stats.samples, "data_sha256": calib_stats.data_fingerprint or None,
+        "calibration": {"samples": calib_stats.samples, "data_sha256": _sha_or_none(calib_stats.data_fingerprint),
+                        "source": calib_hash.source, "max_samples": max_calib_samples,
+                        "preprocess_sha256": sha256_file(preprocess) if preprocess else None,
+                        "stats_sha256": sha256_file(stats) if stats is not None else None,
                         "observer": profile.activations.observer},
         "passes": [{"name": r.name, "seconds": round(r.seconds, 4), "changed": r.changed, "rewrites": r.rewrites,
                     "notes": r.notes} for r in records],
@@ -190,20 +208,25 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     }
     passed = None
     if eval_ds is not None:
-        from edgeq.validate import compare
+        from edgeq.validation import compare
 
         start = time.perf_counter()
-        val = compare(model, out, eval_ds, thresholds=profile.thresholds, latency_runs=latency_runs,
+        val = compare(model, out, eval_hash.stream, thresholds=profile.thresholds, latency_runs=latency_runs,
                       progress=progress_printer("validating") if progress else None, total=eval_ds.length)
         timings["validate_s"] = time.perf_counter() - start
         rep["validation"] = val.as_dict()
-        rep["eval_data_sha256"] = _data_hash(eval_data) or None
+        rep["eval_data_sha256"] = eval_hash.sha256
         passed = val.passed
         rep["passed"] = passed
     timings["total_s"] = time.perf_counter() - t0
     if report is not None:
         write_report(rep, report)
     return QuantizeResult(output=out, report=rep, passed=passed)
+
+
+def _sha_or_none(fingerprint: str) -> str | None:
+    """Statistics files from before edgeq hashed every data source may hold a name instead of a digest."""
+    return fingerprint if len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint) else None
 
 
 def _profile_hash(profile: TargetProfile) -> str:
@@ -266,7 +289,7 @@ def validate(reference: str | Path, candidate: str | Path, *, data: Any, target:
              min_sqnr: float | None = None, preprocess: str | Path | None = None, latency_runs: int = 20,
              soc: str | None = None, progress: bool = False):
     """Compare ``candidate`` with ``reference`` on ``data``; ``result.passed`` says whether thresholds hold."""
-    from edgeq.validate import compare
+    from edgeq.validation import compare
 
     profile = resolve_profile(target or "tensorrt", min_cosine=min_cosine, min_sqnr=min_sqnr) if target else None
     thresholds = profile.thresholds if profile else Thresholds()
@@ -278,13 +301,17 @@ def validate(reference: str | Path, candidate: str | Path, *, data: Any, target:
     ref = load_model(reference)
     load_model(candidate, check=False)
     ds = open_dataset(data, model_inputs(ref), preprocess=preprocess, what="evaluation data")
-    result = compare(reference, candidate, ds, thresholds=thresholds, backend=backend, latency_runs=latency_runs,
+    if backend == "qnn" and soc is None:  # the x86 HTP emulator needs a target; use the profile's default
+        soc = (profile if profile and profile.compile.backend == "qnn" else load_profile("qnn")).compile.soc
+    data_hash = _DataHash(data, ds)
+    result = compare(reference, candidate, data_hash.stream, thresholds=thresholds, backend=backend, latency_runs=latency_runs,
                      soc=soc, progress=progress_printer("validating") if progress else None, total=ds.length)
     rep = {"schema": SCHEMA, "command": "validate", "passed": result.passed,
            "reference": {"path": str(reference), "sha256": sha256_file(reference)},
            "candidate": {"path": str(candidate), "sha256": sha256_file(candidate)},
-           "profile": profile.to_dict() if profile else None, "validation": result.as_dict(),
-           "data_sha256": _data_hash(data) or None, "versions": tool_versions()}
+           "profile": profile.to_dict() if profile else None,
+           "profile_sha256": _profile_hash(profile) if profile else None, "validation": result.as_dict(),
+           "data_sha256": data_hash.sha256, "versions": tool_versions()}
     if report is not None:
         write_report(rep, report)
     result.report = rep  # type: ignore[attr-defined]
@@ -313,7 +340,7 @@ def compile_model(model: str | Path, *, target: str | Path | TargetProfile, outp
 
 def demo(*, output_dir: str | Path | None = None, target: str = "tensorrt", progress: bool = False) -> dict:
     """The whole job on the bundled digits example: quantize, validate, compare accuracy and size."""
-    from edgeq.demo import run_demo
+    from edgeq.example import run_demo
 
     return run_demo(output_dir=output_dir, target=target, progress=progress)
 

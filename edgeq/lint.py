@@ -162,7 +162,13 @@ def _qnn_supported() -> frozenset[str]:
 
 
 def _qnn(m: _Model, profile, out: list[Finding]) -> None:
+    import onnx_graphsurgeon as gs
+
+    from edgeq.passes.insert_qdq import erf_gelu_interiors
+
     supported = _qnn_supported()
+    fused_gelu, _ = erf_gelu_interiors(gs.import_onnx(m.model)) if any(n.op_type == "Erf" for n in m.g.node) \
+        else (set(), set())
     for vi in m.g.input:
         if vi.name in m.inits:
             continue
@@ -187,6 +193,8 @@ def _qnn(m: _Model, profile, out: list[Finding]) -> None:
             out.append(Finding("qnn-unsupported-op", n.name, f"{n.domain}.{n.op_type} is a custom/contrib op "
                                "that QNN HTP does not run"))
             continue
+        if n.name in fused_gelu:
+            continue  # QNN fuses the Erf-form GELU into one op
         if supported and n.op_type not in supported and n.op_type != "Constant":
             out.append(Finding("qnn-unsupported-op", n.name, f"{n.op_type} is not supported by QNN HTP; it would "
                                "fall back to the CPU"))

@@ -84,6 +84,10 @@ class _Planner:
                     out.add(node.name)
         if self.precision is not None:
             out |= set(self.precision.float_nodes)
+        if self.place.mode == "all":
+            nodes, tensors = erf_gelu_interiors(self.graph)
+            out |= nodes
+            self.gelu_tensors = tensors
         return out
 
     def _act_dtype(self, node: gs.Node | None) -> str:
@@ -129,6 +133,10 @@ class _Planner:
         acts: dict[str, ActQuant] = {}
         weights: list[tuple[gs.Node, int, str]] = []  # (node, input index, kind)
         mode = self.place.mode
+        for name in sorted(getattr(self, "gelu_tensors", ())):
+            self.skipped.add(name)
+            self.p.skip(self.result, name, "inside an Erf-form GELU; left unquantized so the target fuses it into "
+                                           "one GELU op")
         for node in self.graph.nodes:
             if node.name in self.float_nodes:
                 if node.op in self.place.ops or mode == "all":
@@ -153,11 +161,14 @@ class _Planner:
                         q = self._activation(acts, t, node)
                         if q is not None and (t in self.graph.outputs):
                             q.to_output = bool(self.place.quantize_graph_outputs)
-        if mode == "all":  # consumers of quantized tensors read the quantized value where they are quantized ops
+        if mode == "all":
+            # Whole-graph targets: every consumer reads the dequantized value, float islands included, so each
+            # quantized op's output feeds only its QuantizeLinear (the node-unit form QNN compiles).
+            tensors = self.graph.tensors()
             for name, q in acts.items():
-                t = self.graph.tensors()[name]
+                t = tensors[name]
                 for consumer in t.outputs:
-                    if consumer.name in self.float_nodes:
+                    if consumer.op in ("QuantizeLinear", "DequantizeLinear"):
                         continue
                     for idx in data_inputs(consumer.op, len(consumer.inputs)):
                         if consumer.inputs[idx] is t and (consumer, idx) not in q.uses:
@@ -227,6 +238,8 @@ class _Planner:
     def _reject(self, t: gs.Tensor) -> str | None:
         if not self._is_float(t):
             return "not a float tensor"
+        if t.name in getattr(self, "gelu_tensors", ()):
+            return "inside an Erf-form GELU; left unquantized so the target fuses it into one GELU op"
         if t.name in self.mask_path:
             return f"attention-mask arithmetic ({self.mask_path[t.name]}); kept in float"
         if self.stats is None or t.name not in self.stats:
@@ -381,6 +394,49 @@ class _Rewriter:
                     gs.Constant(f"{base}/zero_point", np.zeros(b.size, np.int32))], outputs=[out]))
         node.inputs[idx] = out
         self.result.rewrites += 1
+
+
+def erf_gelu_interiors(graph: gs.Graph) -> tuple[set[str], set[str]]:
+    """Nodes and tensors inside ``x * 0.5 * (1 + erf(x / sqrt(2)))`` (any order of the two Muls)."""
+    nodes: set[str] = set()
+    tensors: set[str] = set()
+
+    def only_consumer(t: gs.Tensor, op: str) -> gs.Node | None:
+        return t.outputs[0] if len(t.outputs) == 1 and t.outputs[0].op == op else None
+
+    for erf in [n for n in graph.nodes if n.op == "Erf"]:
+        scale = erf.inputs[0].inputs[0] if erf.inputs[0].inputs else None
+        if scale is None or scale.op not in ("Div", "Mul"):
+            continue
+        x = next((t for t in scale.inputs if const_value(t) is None), None)
+        add = only_consumer(erf.outputs[0], "Add")
+        mul = only_consumer(add.outputs[0], "Mul") if add is not None else None
+        if x is None or mul is None:
+            continue
+        inner = [scale, erf, add, mul]
+        other = next(t for t in mul.inputs if t is not add.outputs[0])
+        if other is not x:  # 0.5 applied to x first: Mul(x, 0.5) feeds the final Mul
+            half = other.inputs[0] if other.inputs else None
+            if half is None or half.op != "Mul" or x not in half.inputs:
+                continue
+            inner.append(half)
+        else:
+            last = only_consumer(mul.outputs[0], "Mul")
+            if last is not None and any(const_value(t) is not None for t in last.inputs):
+                inner.append(last)
+        nodes.update(n.name for n in inner)
+        result = _gelu_output(inner)
+        tensors.update(t.name for n in inner for t in n.outputs if t is not result)
+    return nodes, tensors
+
+
+def _gelu_output(inner: list[gs.Node]) -> gs.Tensor:
+    """The GELU's result: the output of the node whose output leaves the pattern."""
+    names = {id(n) for n in inner}
+    for n in inner:
+        if any(id(c) not in names for c in n.outputs[0].outputs) or not n.outputs[0].outputs:
+            return n.outputs[0]
+    return inner[-1].outputs[0]
 
 
 def _skip(node: gs.Node, reason: str):

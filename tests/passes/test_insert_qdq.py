@@ -155,3 +155,40 @@ def test_weight_only_mode_keeps_activations_float():
     assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)
     assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) == 3
     onnx.checker.check_model(q)
+
+
+def _gelu_mlp():
+    from onnx import TensorProto, helper
+
+    from conftest import init
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Div", ["h", "sqrt2"], ["hd"], name="gelu_div"),
+             helper.make_node("Erf", ["hd"], ["he"], name="gelu_erf"),
+             helper.make_node("Add", ["he", "one"], ["ha"], name="gelu_add"),
+             helper.make_node("Mul", ["h", "ha"], ["hm"], name="gelu_mul"),
+             helper.make_node("Mul", ["hm", "half"], ["g"], name="gelu_half"),
+             helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2")]
+    inits = [init("w1", rng.normal(0, .3, (16, 32)).astype(np.float32)),
+             init("w2", rng.normal(0, .2, (32, 16)).astype(np.float32)),
+             init("sqrt2", np.array(np.sqrt(2), np.float32)), init("one", np.array(1, np.float32)),
+             init("half", np.array(0.5, np.float32))]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_qnn_leaves_erf_gelu_interior_unquantized():
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.normal(size=(1, 4, 16)).astype(np.float32)} for _ in range(4)]
+    canon, q, result = _quantize(_gelu_mlp(), "qnn", samples)
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"hd", "he", "ha", "hm"}.isdisjoint(quantized)
+    assert {"h", "g", "x"} <= quantized, "the GELU's input and output are quantized"
+    prod = _producers(q)
+    div = next(n for n in q.graph.node if n.op_type == "Div")
+    assert prod[div.input[0]].op_type == "DequantizeLinear", "the pattern reads the dequantized input"
+    assert any("Erf-form GELU" in s.reason for s in result.skipped)
+    ref, out = run_ort(canon, samples[0])[0], run_ort(q, samples[0])[0]
+    assert float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99

@@ -61,7 +61,7 @@ def candidate_runner(path: Path, backend: str, *, threads: int = 0, soc: str | N
     if backend == "qnn":
         from edgeq.backends import qnn
 
-        return qnn.make_runner(path, options=qnn.QnnOptions(soc_model=soc) if soc else qnn.QnnOptions())
+        return qnn.make_runner(path, options=qnn.QnnOptions.for_soc(soc))
     if backend == "coreml":
         from edgeq.backends import coreml
 
