@@ -8,7 +8,7 @@ import math
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from edgeq.model_io import atomic_path
 
@@ -30,6 +30,30 @@ def sha256_file(path: str | os.PathLike | None) -> str | None:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+class SampleDigest:
+    """SHA-256 of the feed dicts an iterable yields (input names, dtypes, shapes and bytes, in order).
+
+    Data with no file behind it (a callable, ``module:function``, a list of arrays) is hashed as it streams through
+    calibration or validation; ``hexdigest`` is set when an iteration reaches the end (every pass gives the same).
+    """
+
+    def __init__(self, data: Iterable[dict]):
+        self.data = data
+        self.hexdigest: str | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        import numpy as np
+
+        h = hashlib.sha256()
+        for feed in self.data:
+            for name in sorted(feed):
+                arr = np.ascontiguousarray(feed[name])
+                h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
+                h.update(arr.tobytes() if arr.ndim == 0 else arr.data)
+            yield feed
+        self.hexdigest = h.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:
