@@ -18,9 +18,29 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+def narrow_constant(name: str, values: np.ndarray, dtype: str) -> gs.Constant:
+    """A constant stored in a type numpy lacks (int4, uint4, float8): ``values`` hold it in int8/float32 and
+    :func:`to_model` writes the packed tensor (onnx-graphsurgeon cannot export these types itself)."""
+    c = gs.Constant(name, np.asarray(values))
+    c.edgeq_narrow_dtype = dtype
+    return c
+
+
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    narrow = {t.name: t for t in graph.tensors().values()
+              if isinstance(t, gs.Constant) and getattr(t, "edgeq_narrow_dtype", None)}
     model = gs.export_onnx(graph, do_type_check=False)
+    if narrow:
+        from onnx import numpy_helper
+
+        from edgeq.quant_math import narrow_numpy_dtype
+
+        for i, init in enumerate(model.graph.initializer):
+            c = narrow.get(init.name)
+            if c is not None:
+                values = np.asarray(c.values).astype(narrow_numpy_dtype(c.edgeq_narrow_dtype))
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, init.name))
     if template is not None:
         model.ir_version = max(model.ir_version, template.ir_version)
         model.producer_name = template.producer_name or "edgeq"

@@ -62,8 +62,9 @@ class OutputMetrics:
         self.abs_sum += float(np.abs(err).sum())
         self.elements += err.size
         if self.classifier is None:
-            self.classifier = ref.ndim >= 2 and ref.shape[-1] >= 2 and ref.shape[-1] <= 100000 and \
-                (ref.ndim == 2 or ref.shape[-1] > 16)
+            # [N, classes] scores, or [N, T, vocab] token logits
+            self.classifier = (ref.ndim == 2 and 2 <= ref.shape[-1] <= 100000) or \
+                (ref.ndim == 3 and 1000 <= ref.shape[-1] <= 1000000)
         if self.classifier:
             rr = ref.reshape(-1, ref.shape[-1])
             cc = np.nan_to_num(cand.reshape(-1, ref.shape[-1]).astype(np.float64), nan=-np.inf)

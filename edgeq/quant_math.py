@@ -32,6 +32,18 @@ INT_TYPES = {
     "int32": IntRange(-(2**31), 2**31 - 1, np.int32, onnx.TensorProto.INT32, 32),
 }
 FP8_MAX = {"float8e4m3fn": 448.0}
+FP8_ONNX = {"float8e4m3fn": onnx.TensorProto.FLOAT8E4M3FN}
+
+
+def narrow_numpy_dtype(dtype: str):
+    """The ml_dtypes numpy type for dtypes numpy lacks (int4, uint4, float8), else None."""
+    if ml_dtypes is None:
+        return None
+    return {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "float8e4m3fn": ml_dtypes.float8_e4m3fn}.get(dtype)
+
+
+def is_float8(dtype: str) -> bool:
+    return dtype in FP8_MAX
 
 
 def required_opset(dtype: str) -> int:
@@ -87,6 +99,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> np.ndarray:
         s, z = self.scale, self.zero_point
+        if is_float8(self.dtype):
+            z = np.zeros_like(s)
         if self.block_size:
             s = np.repeat(s, self.block_size, axis=self.axis)[tuple(slice(0, d) for d in self.q.shape)]
             z = np.repeat(z, self.block_size, axis=self.axis)[tuple(slice(0, d) for d in self.q.shape)]
@@ -101,6 +115,8 @@ def quantize_weight(w: np.ndarray, dtype: str, *, symmetric: bool = True, axis: 
                     block_size: int = 0, clip_ratio: np.ndarray | float | None = None) -> QuantizedWeight:
     """Quantize a constant: per-tensor (axis None), per-channel along ``axis``, or blockwise along ``axis``."""
     w = np.asarray(w, dtype=np.float32)
+    if is_float8(dtype):
+        return _quantize_weight_fp8(w, dtype, axis)
     r = INT_TYPES[dtype]
     if block_size:
         k = w.shape[axis]
@@ -150,3 +166,19 @@ def make_int_tensor(name: str, values: np.ndarray, dtype: str) -> onnx.TensorPro
     if r.bits == 4:
         return onnx.helper.make_tensor(name, r.onnx_type, list(values.shape), values.astype(np.int32).ravel().tolist())
     return onnx.numpy_helper.from_array(np.asarray(values, dtype=r.np_dtype), name)
+
+
+def _quantize_weight_fp8(w: np.ndarray, dtype: str, axis: int | None) -> QuantizedWeight:
+    """FP8 weights: scale = amax / fp8_max (per channel or per tensor); values are rounded by the cast to fp8."""
+    fmax = FP8_MAX[dtype]
+    if axis is not None:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.abs(w).max(axis=red)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+    else:
+        amax, shape = np.array(np.abs(w).max()), None
+    scale = np.where(amax > 0, amax / fmax, 1.0).astype(np.float32)
+    full = scale.reshape(shape) if shape else scale
+    q = np.clip(w / full, -fmax, fmax).astype(narrow_numpy_dtype(dtype)).astype(np.float32)
+    return QuantizedWeight(q, scale, np.zeros_like(scale), axis, 0, dtype)

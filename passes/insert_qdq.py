@@ -22,11 +22,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgeq.errors import UnsupportedModelError
-from edgeq.ir import const_value, name_nodes, tensor_dtype
+from edgeq.ir import const_value, name_nodes, narrow_constant, tensor_dtype
 from edgeq.op_tables import (BIAS_INPUTS, MASK_PROPAGATING, NEVER_QUANTIZED, SCALE_SHARING, WEIGHT_INPUTS,
                              data_inputs, reduction_axis, weight_axis)
 from edgeq.pass_base import GraphPass, PassContext, PassResult
-from edgeq.quant_math import INT_TYPES, activation_params, levels, quantize_weight
+from edgeq.quant_math import INT_TYPES, activation_params, is_float8, levels, quantize_weight
 
 COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Softmax", "LayerNormalization", "Einsum"})
 
@@ -288,18 +288,19 @@ class _Rewriter:
                 self._bias(node, idx)
 
     def _qdq_constants(self, base: str, scale, zp, dtype: str):
-        r = INT_TYPES[dtype]
         s = gs.Constant(f"{base}/scale", np.asarray(scale, dtype=np.float32))
-        if r.np_dtype is None:
-            z = gs.Constant(f"{base}/zero_point", np.asarray(zp, dtype=np.int8 if r.qmin < 0 else np.uint8),
-                            export_dtype=r.onnx_type)
+        if is_float8(dtype) or INT_TYPES[dtype].np_dtype is None:
+            holder = np.float32 if is_float8(dtype) else np.int8
+            z = narrow_constant(f"{base}/zero_point", np.zeros_like(np.asarray(zp), dtype=holder)
+                                if is_float8(dtype) else np.asarray(zp, dtype=holder), dtype)
         else:
-            z = gs.Constant(f"{base}/zero_point", np.asarray(zp, dtype=r.np_dtype))
+            z = gs.Constant(f"{base}/zero_point", np.asarray(zp, dtype=INT_TYPES[dtype].np_dtype))
         return s, z
 
     def _insert_pair(self, t: gs.Variable, q: ActQuant) -> None:
         s, z = self._qdq_constants(t.name, q.scale, q.zero_point, q.dtype)
-        quant = gs.Variable(f"{t.name}/quantized", dtype=INT_TYPES[q.dtype].np_dtype, shape=t.shape)
+        quant = gs.Variable(f"{t.name}/quantized", dtype=None if is_float8(q.dtype) else INT_TYPES[q.dtype].np_dtype,
+                            shape=t.shape)
         deq = gs.Variable(f"{t.name}/dequantized", dtype=t.dtype, shape=t.shape)
         self.graph.nodes.append(gs.Node("QuantizeLinear", f"{t.name}/QuantizeLinear", inputs=[t, s, z],
                                         outputs=[quant]))
@@ -332,9 +333,10 @@ class _Rewriter:
         key = (t.name, axis, block)
         if key not in self.weight_cache:
             qw = quantize_weight(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block)
-            r = INT_TYPES[spec.dtype]
-            qt = gs.Constant(f"{t.name}/quantized", qw.q if r.np_dtype is not None else qw.q.astype(np.int8),
-                             export_dtype=None if r.np_dtype is not None else r.onnx_type)
+            if is_float8(spec.dtype) or INT_TYPES[spec.dtype].np_dtype is None:
+                qt = narrow_constant(f"{t.name}/quantized", qw.q, spec.dtype)
+            else:
+                qt = gs.Constant(f"{t.name}/quantized", qw.q)
             s, z = self._qdq_constants(t.name, qw.scale, qw.zero_point, spec.dtype)
             out = gs.Variable(f"{t.name}/dequantized", dtype=w.dtype, shape=list(w.shape))
             attrs = {}

@@ -192,3 +192,50 @@ def test_qnn_leaves_erf_gelu_interior_unquantized():
     assert any("Erf-form GELU" in s.reason for s in result.skipped)
     ref, out = run_ort(canon, samples[0])[0], run_ort(q, samples[0])[0]
     assert float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99
+
+
+def test_int4_weight_only_blockwise():
+    model = make_transformer_block()
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 16, 32)).astype(np.float32)} for _ in range(2)]
+    from edgeq.api import quantize_opset
+    from edgeq.model_io import ensure_opset
+
+    profile = load_profile("tensorrt-int4")
+    canon, _ = canonicalize(model)
+    canon = ensure_opset(canon, quantize_opset(profile, canon), why="int4")
+    graph = to_graph(canon)
+    make_pass("insert_qdq").run(graph, PassContext(profile=profile, stats=calibrate(canon, samples)))
+    q = to_model(graph, canon)
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 6 and not any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    for dq in dqs:
+        w = next(i for i in q.graph.initializer if i.name == dq.input[0])
+        assert w.data_type == onnx.TensorProto.INT4
+        attrs = {a.name: a.i for a in dq.attribute}
+        assert attrs["block_size"] == 128 and attrs["axis"] == 0
+    ref, out = run_ort(canon, samples[0])[0], run_ort(q, samples[0])[0]
+    # int4 (8 levels each side): error per weight <= scale/2; the block's cosine stays high
+    assert float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.98
+
+
+def test_fp8_qdq_is_legal_for_tensorrt():
+    from edgeq.lint import check_model
+
+    model = make_transformer_block()
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 16, 32)).astype(np.float32)} for _ in range(2)]
+    from edgeq.api import quantize_opset
+    from edgeq.model_io import ensure_opset
+
+    profile = load_profile("tensorrt-fp8")
+    canon, _ = canonicalize(model)
+    canon = ensure_opset(canon, quantize_opset(profile, canon), why="fp8")
+    graph = to_graph(canon)
+    make_pass("insert_qdq").run(graph, PassContext(profile=profile, stats=calibrate(canon, samples)))
+    q = to_model(graph, canon)
+    zps = [i for i in q.graph.initializer if i.name.endswith("/zero_point")]
+    assert zps and all(z.data_type == onnx.TensorProto.FLOAT8E4M3FN for z in zps)
+    assert check_model(q, profile).passed
+    ref, out = run_ort(canon, samples[0])[0], run_ort(q, samples[0])[0]
+    assert float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99
