@@ -237,5 +237,9 @@ def test_fp8_qdq_is_legal_for_tensorrt():
     zps = [i for i in q.graph.initializer if i.name.endswith("/zero_point")]
     assert zps and all(z.data_type == onnx.TensorProto.FLOAT8E4M3FN for z in zps)
     assert check_model(q, profile).passed
-    ref, out = run_ort(canon, samples[0])[0], run_ort(q, samples[0])[0]
+    # ORT's extended optimisations fuse float8 Q/DQ approximately; basic level is the exact simulation
+    from edgeq.calibration.calibrate import make_session
+
+    ref = make_session(canon).run(None, samples[0])[0]
+    out = make_session(q).run(None, samples[0])[0]
     assert float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99
