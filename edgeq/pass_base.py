@@ -84,6 +84,7 @@ PASS_MODULES = {
     "equalize_cross_layer": "cross_layer_equalization",
     "fold_channel_scale": "fold_channel_scale",
     "clamp_mask_constants": "clamp_mask_constants",
+    "to_matmulnbits": "matmul_nbits",
 }
 
 
