@@ -77,6 +77,8 @@ def _num(v: Any) -> float | None:
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     x = _num(v)
     if x is None:
         return "—" if v is None else str(v)
@@ -249,12 +251,41 @@ def _fallback(rep: dict) -> str:
     fb = rep.get("fallback")
     if not fb:
         return ""
-    if isinstance(fb, dict):
-        fb = [{"key": k, "value": v} for k, v in fb.items()]
-    keys = list(dict.fromkeys(k for row in fb if isinstance(row, dict) for k in row))
-    rows = [[escape(_cell(row.get(k))) for k in keys] if isinstance(row, dict) else [escape(_cell(row))]
-            for row in fb]
-    return f"<h2>Fallback decisions ({len(fb)})</h2>" + _table(keys or ["decision"], rows)
+    if isinstance(fb, dict) and ("curve" in fb or "float_nodes" in fb):
+        return _fallback_search(fb)
+    rows = [{"key": k, "value": v} for k, v in fb.items()] if isinstance(fb, dict) else fb
+    return f"<h2>Fallback decisions ({len(rows)})</h2>" + _records(rows)
+
+
+def _records(rows: list) -> str:
+    """A table of a list of flat records (any keys); nested values are shown as JSON."""
+    keys = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+    cells = [[escape(_cell(row.get(k))) for k in keys] if isinstance(row, dict) else [escape(_cell(row))]
+             for row in rows]
+    return _table(keys or ["decision"], cells)
+
+
+def _fallback_search(fb: dict) -> str:
+    """The automatic precision fallback: what it kept in float, what that bought, and how it got there."""
+    floats = fb.get("float_nodes") or []
+    met = fb.get("met")
+    head = (f'<p><span class="{"ok" if met else "bad"}">budget {"met" if met else "not met"}</span>'
+            f" (stopped: {escape(str(fb.get('stopped', '?')))}); {len(floats)} layer(s) kept in float"
+            + (": " + ", ".join(f"<code>{escape(str(n))}</code>" for n in floats) if floats else "") + "</p>")
+    base, best, budget = fb.get("baseline") or {}, fb.get("best") or {}, fb.get("budget") or {}
+    scores = [[escape(k), escape(_fmt(base.get(k))), escape(_fmt(best.get(k))), escape(_fmt(budget.get(b)))]
+              for k, b in (("cosine", "min_cosine"), ("sqnr_db", "min_sqnr_db"), ("top1_agreement", "min_top1"),
+                           ("metric", "min_metric")) if base.get(k) is not None or best.get(k) is not None]
+    parts = [head, _table(["score", "all quantized", "after fallback", "budget"], scores, num_cols=(1, 2, 3))]
+    if fb.get("curve"):
+        parts.append("<p>Trade-off, one row per layer moved to float:</p>" + _records(fb["curve"]))
+    if fb.get("ranking"):
+        parts.append(f"<details><summary>sensitivity ranking ({len(fb['ranking'])} layers)</summary>"
+                     f"{_records(fb['ranking'])}</details>")
+    notes = [f"{k}: {_cell(fb[k])}" for k in ("data", "candidates", "evaluations", "seconds") if k in fb]
+    if notes:
+        parts.append(f'<p class="muted">{escape("; ".join(notes))}</p>')
+    return "<h2>Fallback decisions</h2>" + "".join(parts)
 
 
 def _cell(v: Any) -> str:

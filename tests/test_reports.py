@@ -235,6 +235,16 @@ def test_html_plots_layers_and_lists_fallback_and_escapes_names(runs, tmp_path):
     chart = page[page.index("<svg"):page.index("</svg>")]
     assert chart.count("<rect") == 9 and "/blk.7/out" in chart and "#cf222e" in chart
     assert "Fallback decisions (1)" in page and "adds 6 dB of noise" in page
+    rep["fallback"] = {"met": True, "stopped": "budget met", "float_nodes": ["/blk.4/Softmax"],
+                       "budget": {"min_cosine": 0.98, "min_sqnr_db": 20.0},
+                       "baseline": {"cosine": 0.95, "sqnr_db": 14.0}, "best": {"cosine": 0.99, "sqnr_db": 22.5},
+                       "curve": [{"float_layers": 0, "added": None, "sqnr_db": 14.0, "met": False},
+                                 {"float_layers": 1, "added": "/blk.4/Softmax", "sqnr_db": 22.5, "met": True}],
+                       "ranking": [{"node": "/blk.4/Softmax", "op": "Softmax", "prior": 0.2, "gain": 8.5}]}
+    page = render_html(rep)
+    section = page[page.index("Fallback decisions"):page.index("<h2>", page.index("Fallback decisions"))]
+    assert "budget met" in section and "<code>/blk.4/Softmax</code>" in section and "22.5" in section
+    assert "sensitivity ranking (1 layers)" in section
 
 
 def test_html_without_evaluation_says_so_and_histograms_skip_reasons(no_eval_report):
