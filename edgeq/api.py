@@ -110,8 +110,14 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
              preprocess: str | Path | None = None, max_calib_samples: int | None = None,
              min_cosine: float | None = None, min_sqnr: float | None = None, progress: bool = False,
              dump_dir: str | Path | None = None, latency_runs: int = 20, precision_plan: Any = None,
-             check: bool = True, seed: int = 0) -> QuantizeResult:
-    """Quantize ``model`` for ``target`` using ``calib`` data; validate on ``eval_data`` when given."""
+             check: bool = True, seed: int = 0, fallback: Any = False,
+             time_limit_s: float | None = None) -> QuantizeResult:
+    """Quantize ``model`` for ``target`` using ``calib`` data; validate on ``eval_data`` when given.
+
+    ``fallback`` (True or an :class:`edgeq.precision.FallbackOptions`) keeps the fewest, most sensitive layers in
+    float until the profile's thresholds hold on the calibration data, within ``time_limit_s`` (see
+    :func:`edgeq.precision.auto_fallback`; the report's ``fallback`` entry has the trade-off curve).
+    """
     t0 = time.perf_counter()
     profile = resolve_profile(target, min_cosine=min_cosine, min_sqnr=min_sqnr)
     out = check_output_path(output, model)
@@ -168,6 +174,17 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
             calib_stats.save(stats)
     timings["calibrate_s"] = time.perf_counter() - start
 
+    fallback_result = None
+    if fallback:
+        from edgeq.precision import fallback_for_pipeline
+
+        start = time.perf_counter()
+        canonical, fallback_result = fallback_for_pipeline(canonical, profile, calib_stats, calib_data,
+                                                           fallback=fallback, time_limit_s=time_limit_s,
+                                                           base_plan=precision_plan, template=original)
+        precision_plan = fallback_result.plan
+        timings["fallback_s"] = time.perf_counter() - start
+
     start = time.perf_counter()
     graph = to_graph(canonical)
     manager.run(graph, [make_pass("insert_qdq")],
@@ -203,6 +220,7 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
         "quantization": quantization_summary(qmodel),
         "lint": lint.as_dict() if lint is not None else None,
         "timings": timings,
+        "fallback": fallback_result.as_dict() if fallback_result is not None else None,
         "seed": seed,
         "versions": tool_versions(),
     }

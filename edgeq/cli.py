@@ -59,6 +59,11 @@ def _print_quantize(rep: dict) -> None:
                f"{f' ({frac:.0%})' if frac is not None else ''}, {q['quantize_nodes']} activation Q/DQ, "
                f"{q['dequantize_nodes'] - q['quantize_nodes']} weight DQ; {len(rep['skipped'])} skipped "
                f"(see report)")
+    fb = rep.get("fallback")
+    if fb:
+        click.echo(f"fallback: {fb['stopped']}; kept in float: {', '.join(fb['float_nodes']) or 'none'} "
+                   f"(calibration-data cosine {fb['best']['cosine']:.4f}, {fb['evaluations']} evaluations, "
+                   f"{fb['seconds']:.0f}s)")
     if rep.get("lint") and rep["lint"]["errors"]:
         click.echo(f"check: {rep['lint']['errors']} legality errors for {rep['lint']['target']} "
                    f"(run 'edgeq check')")
@@ -86,11 +91,16 @@ def _print_quantize(rep: dict) -> None:
 @click.option("--min-cosine", type=float, default=None, help="Override the profile's cosine threshold.")
 @click.option("--min-sqnr", type=float, default=None, help="Override the profile's SQNR threshold (dB).")
 @click.option("--keep-float", multiple=True, help="Keep nodes in float: an op type (Softmax) or a node name.")
+@click.option("--auto-fallback", is_flag=True,
+              help="Keep the fewest most sensitive layers in float until the thresholds hold (scored on the "
+                   "calibration data, never on --eval).")
+@click.option("--fallback-time-limit", type=click.FloatRange(min=1), default=None,
+              help="Seconds the automatic fallback may spend (default 300); the best model found is kept.")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the graph after each pass.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path), default=None, help="Self-contained HTML report.")
 @click.option("--junit", "junit_out", type=click.Path(path_type=Path), default=None, help="JUnit XML for CI systems.")
 def quantize(model, target, calib, output, eval_data, report, stats, preprocess, max_calib_samples, min_cosine,
-             min_sqnr, keep_float, dump_dir, html_out, junit_out):
+             min_sqnr, keep_float, auto_fallback, fallback_time_limit, dump_dir, html_out, junit_out):
     """Canonicalise, calibrate, insert Q/DQ for TARGET, save, check, and validate when --eval is given."""
     import dataclasses
 
@@ -104,7 +114,8 @@ def quantize(model, target, calib, output, eval_data, report, stats, preprocess,
         profile = dataclasses.replace(profile, overrides=profile.overrides + extra)
     result = api.quantize(model, target=profile, calib=calib, output=output, eval_data=eval_data, report=report,
                           stats=stats, preprocess=preprocess, max_calib_samples=max_calib_samples,
-                          min_cosine=min_cosine, min_sqnr=min_sqnr, progress=True, dump_dir=dump_dir)
+                          min_cosine=min_cosine, min_sqnr=min_sqnr, progress=True, dump_dir=dump_dir,
+                          fallback=auto_fallback, time_limit_s=fallback_time_limit)
     _write_extra_reports(result.report, html_out, junit_out)
     _print_quantize(result.report)
     if result.passed is False:

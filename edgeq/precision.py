@@ -1,0 +1,378 @@
+"""Mixed precision: which nodes stay in float or get 16-bit activations, and automatic fallback.
+
+:class:`PrecisionPlan` is what ``insert_qdq`` reads (``float_nodes`` are left unquantized, ``wide_nodes`` get
+16-bit activations on whole-graph targets such as QNN). :func:`plan_from_overrides` resolves a profile's
+``overrides`` (by op type, node or tensor) into a plan for a given graph.
+
+:func:`auto_fallback` finds the fewest compute layers to keep in float so that the quantized model meets a
+fidelity budget (minimum cosine / SQNR of every output, the profile's top-1 agreement, or a user task metric):
+
+1. quantize everything once (one calibration, reused: only ``insert_qdq`` reruns, which is cheap) and score it;
+2. rank candidate layers by a one-run prior (the noise each layer adds, as ``edgeq debug`` measures it), then
+   measure, in that order and while the time budget allows, the gain from keeping each single layer in float;
+3. add layers to the float set greedily by measured gain, scoring each prefix (the trade-off curve), and stop when
+   the budget is met, the float fraction limit is reached or time runs out. The best model found is returned.
+
+It evaluates on (a subset of) the calibration data, never on the user's evaluation data, so that ``--eval`` stays
+an honest held-out measurement of the model the fallback chose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+
+from edgeq.errors import EdgeqError
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum")
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """Nodes kept in float and nodes given 16-bit activations (by node name in the canonical graph)."""
+
+    float_nodes: frozenset[str] = frozenset()
+    wide_nodes: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "float_nodes", frozenset(self.float_nodes))
+        object.__setattr__(self, "wide_nodes", frozenset(self.wide_nodes))
+
+    def with_float(self, names) -> "PrecisionPlan":
+        return PrecisionPlan(self.float_nodes | set(names), self.wide_nodes)
+
+    def union(self, other: "PrecisionPlan | None") -> "PrecisionPlan":
+        if other is None:
+            return self
+        return PrecisionPlan(self.float_nodes | other.float_nodes, self.wide_nodes | other.wide_nodes)
+
+    def as_dict(self) -> dict:
+        return {"float_nodes": sorted(self.float_nodes), "wide_nodes": sorted(self.wide_nodes)}
+
+
+def plan_from_overrides(profile, model: onnx.ModelProto) -> PrecisionPlan:
+    """The plan a profile's ``overrides`` mean for ``model``; a ``tensor`` override applies to its producer."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    floats, wide = set(), set()
+    for ov in profile.overrides:
+        names = {n.name for n in model.graph.node if ov.op_type and n.op_type == ov.op_type}
+        names |= {ov.node} if ov.node else set()
+        if ov.tensor and ov.tensor in producers:
+            names.add(producers[ov.tensor].name)
+        if ov.precision in ("float", "fp16"):
+            floats |= names
+        elif ov.precision in ("int16", "uint16"):
+            wide |= names
+    return PrecisionPlan(frozenset(floats), frozenset(wide))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fidelity budget and scores
+
+
+@dataclass(frozen=True, kw_only=True)
+class FallbackOptions:
+    time_limit_s: float = 300.0
+    max_float_fraction: float = 0.10  # of the candidate compute layers
+    max_samples: int = 16  # calibration samples used to score candidates
+    min_cosine: float | None = None  # None: the profile's threshold
+    min_sqnr_db: float | None = None
+    min_top1_agreement: float | None = None
+    metric: str | Callable | None = None  # "module:function"(reference_outputs, candidate_outputs) -> float
+    min_metric: float | None = None
+
+    def __post_init__(self):
+        if self.time_limit_s <= 0 or not 0 <= self.max_float_fraction <= 1 or self.max_samples < 1:
+            raise EdgeqError("fallback options: need time_limit_s > 0, 0 <= max_float_fraction <= 1, "
+                             "max_samples >= 1")
+        if self.metric is not None and self.min_metric is None:
+            raise EdgeqError("fallback options: a task metric needs min_metric (the value it must reach)")
+
+
+@dataclass(frozen=True)
+class Score:
+    cosine: float  # worst output's mean cosine
+    sqnr_db: float  # worst output's SQNR
+    top1: float | None
+    metric: float | None
+
+    def key(self) -> float:
+        """One number to maximise: the task metric when there is one, else the worst SQNR."""
+        return self.metric if self.metric is not None else self.sqnr_db
+
+    def as_dict(self) -> dict:
+        return {"cosine": self.cosine, "sqnr_db": _finite(self.sqnr_db), "top1_agreement": self.top1,
+                "metric": self.metric}
+
+
+@dataclass(frozen=True)
+class Budget:
+    min_cosine: float
+    min_sqnr_db: float
+    min_top1: float | None
+    min_metric: float | None
+
+    def met(self, s: Score) -> bool:
+        return (s.cosine >= self.min_cosine and s.sqnr_db >= self.min_sqnr_db
+                and (self.min_top1 is None or s.top1 is None or s.top1 >= self.min_top1)
+                and (self.min_metric is None or (s.metric is not None and s.metric >= self.min_metric)))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_metric(metric: str | Callable | None) -> Callable | None:
+    """A task metric from ``module:function`` or ``file.py:function``; it is called as
+    ``fn(reference_outputs, candidate_outputs) -> float`` (lists of {output name: array}, one per sample), higher
+    is better."""
+    if metric is None or callable(metric):
+        return metric
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    target, _, func_name = str(metric).rpartition(":")
+    if not target or not func_name:
+        raise EdgeqError(f"task metric {metric!r}: expected 'module:function' or 'file.py:function'")
+    try:
+        if target.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"edgeq_user_metric_{Path(target).stem}", target)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")
+            module = importlib.import_module(target)
+    except Exception as exc:
+        raise EdgeqError(f"task metric {metric!r}: cannot import {target!r}: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise EdgeqError(f"task metric {metric!r}: {target!r} has no callable {func_name!r}")
+    return fn
+
+
+class Scorer:
+    """Runs candidate models on fixed feeds and scores them against the float reference outputs."""
+
+    def __init__(self, reference: onnx.ModelProto, feeds: Sequence[dict], metric: Callable | None = None):
+        from edgeq.calibration.calibrate import make_session
+
+        self.feeds = list(feeds)
+        session = make_session(reference)
+        self.names = [o.name for o in session.get_outputs()]
+        self.reference = [dict(zip(self.names, session.run(self.names, f))) for f in self.feeds]
+        self.metric = metric
+        self.evaluations = 0
+
+    def outputs(self, model: onnx.ModelProto) -> list[dict]:
+        from edgeq.calibration.calibrate import make_session
+
+        session = make_session(model)
+        return [dict(zip(self.names, session.run(self.names, f))) for f in self.feeds]
+
+    def score(self, model: onnx.ModelProto) -> Score:
+        from edgeq.metrics import OutputMetrics
+
+        outs = self.outputs(model)
+        self.evaluations += 1
+        metrics = {n: OutputMetrics(n) for n in self.names}
+        for ref, cand in zip(self.reference, outs):
+            for n in self.names:
+                metrics[n].update(ref[n], cand[n])
+        d = [m.as_dict() for m in metrics.values()]
+        floats = [o for o, n in zip(d, self.names) if np.asarray(self.reference[0][n]).dtype.kind == "f"] or d
+        top1 = [o["top1_agreement"] for o in floats if "top1_agreement" in o]
+        value = float(self.metric(self.reference, outs)) if self.metric is not None else None
+        return Score(cosine=min(o["cosine_mean"] for o in floats), sqnr_db=min(o["sqnr_db"] for o in floats),
+                     top1=min(top1) if top1 else None, metric=value)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Automatic fallback
+
+
+@dataclass
+class FallbackResult:
+    plan: PrecisionPlan
+    model: onnx.ModelProto
+    met: bool
+    stopped: str
+    budget: Budget
+    baseline: Score
+    best: Score
+    candidates: int
+    ranking: list[dict] = field(default_factory=list)  # {"node", "op", "prior", "gain"}
+    curve: list[dict] = field(default_factory=list)  # {"float_layers", "added", ...score}
+    seconds: float = 0.0
+    evaluations: int = 0
+    base_float_nodes: frozenset = frozenset()  # kept in float before the fallback (profile/user)
+
+    def as_dict(self) -> dict:
+        return {"met": self.met, "stopped": self.stopped, "budget": self.budget.as_dict(),
+                "data": "calibration data (the --eval data is never used to choose layers)",
+                "float_nodes": sorted(self.plan.float_nodes - self.base_float_nodes), "candidates": self.candidates,
+                "baseline": self.baseline.as_dict(), "best": self.best.as_dict(), "curve": self.curve,
+                "ranking": self.ranking[:50], "seconds": round(self.seconds, 2), "evaluations": self.evaluations}
+
+
+def quantize_with_plan(canonical: onnx.ModelProto, profile, stats, plan: PrecisionPlan | None,
+                       template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Run only insert_qdq on the (named, canonical) model with the given plan."""
+    from edgeq.ir import to_graph, to_model
+    from edgeq.pass_base import PassContext, make_pass
+
+    graph = to_graph(canonical)
+    make_pass("insert_qdq").run(graph, PassContext(profile=profile, stats=stats, precision=plan))
+    return to_model(graph, template or canonical)
+
+
+def name_all_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every node named (plans refer to nodes by name; insert_qdq names them the same way)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    seen: set[str] = set()
+    for i, node in enumerate(out.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+    return out
+
+
+def auto_fallback(canonical: onnx.ModelProto, profile, stats, feeds: Sequence[dict], *,
+                  options: FallbackOptions = FallbackOptions(), base_plan: PrecisionPlan | None = None,
+                  template: onnx.ModelProto | None = None) -> FallbackResult:
+    """Keep the fewest, most sensitive compute layers of ``canonical`` in float until the budget is met."""
+    start = time.perf_counter()
+    deadline = start + options.time_limit_s
+    canonical = name_all_nodes(canonical)
+    thr = profile.thresholds
+    budget = Budget(min_cosine=options.min_cosine if options.min_cosine is not None else thr.min_cosine,
+                    min_sqnr_db=options.min_sqnr_db if options.min_sqnr_db is not None else thr.min_sqnr_db,
+                    min_top1=options.min_top1_agreement if options.min_top1_agreement is not None
+                    else thr.min_top1_agreement, min_metric=options.min_metric)
+    scorer = Scorer(canonical, feeds, resolve_metric(options.metric))
+    base = base_plan or PrecisionPlan()
+    build = lambda plan: quantize_with_plan(canonical, profile, stats, plan, template)  # noqa: E731
+    model = build(base)
+    baseline = scorer.score(model)
+    curve = [{"float_layers": 0, "added": None, **baseline.as_dict(), "met": budget.met(baseline)}]
+    candidates = _candidates(canonical, model, base)
+    limit = int(math.floor(options.max_float_fraction * len(candidates)))
+    result = FallbackResult(plan=base, model=model, met=budget.met(baseline), stopped="", budget=budget,
+                            baseline=baseline, best=baseline, candidates=len(candidates), curve=curve)
+    result.base_float_nodes = base.float_nodes
+    if result.met:
+        result.stopped = "the fully quantized model meets the budget"
+    elif not candidates or limit == 0:
+        result.stopped = f"no layer may be kept in float ({len(candidates)} candidates, max_float_fraction " \
+                         f"{options.max_float_fraction})"
+    else:
+        ranking = _rank(canonical, model, candidates, scorer, build, base, baseline, start, options.time_limit_s)
+        result.ranking = ranking
+        result.stopped = _greedy(result, ranking, scorer, build, base, budget, limit, deadline)
+    result.seconds = time.perf_counter() - start
+    result.evaluations = scorer.evaluations
+    log.info("auto fallback: %s; %d layer(s) in float, %.1fs, %d evaluations", result.stopped,
+             len(result.plan.float_nodes - base.float_nodes), result.seconds, result.evaluations)
+    return result
+
+
+def _candidates(canonical: onnx.ModelProto, quantized: onnx.ModelProto, base: PrecisionPlan) -> list:
+    """Compute nodes that the quantized model actually quantizes (their data input or weight goes through a DQ)."""
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    by_name = {n.name: n for n in quantized.graph.node}
+    out = []
+    for n in canonical.graph.node:
+        q = by_name.get(n.name)
+        if n.op_type not in CANDIDATE_OPS or n.name in base.float_nodes or q is None:
+            continue
+        if any(producers.get(t) == "DequantizeLinear" for t in q.input[:2]):
+            out.append(n)
+    return out
+
+
+def _rank(canonical, quantized, candidates, scorer: Scorer, build, base, baseline: Score, start: float,
+          time_limit: float) -> list[dict]:
+    """Prior from one run (noise each layer adds), then measured single-layer gains while half the time lasts."""
+    from edgeq.debug import compare_tensors, _nsr
+
+    pairs = {}
+    for n in candidates:
+        pairs[n.output[0]] = n.output[0]
+        if n.input and n.input[0]:
+            pairs[n.input[0]] = n.input[0]
+    known = {o for node in quantized.graph.node for o in node.output} | {i.name for i in quantized.graph.input}
+    pairs = {k: v for k, v in pairs.items() if k in known}
+    acc = compare_tensors(canonical, quantized, scorer.feeds[: max(2, len(scorer.feeds) // 2)], pairs)
+    ranking = []
+    for n in candidates:
+        out_nsr = _nsr(acc[n.output[0]].sqnr_db) if n.output[0] in acc else 0.0
+        in_nsr = _nsr(acc[n.input[0]].sqnr_db) if n.input and n.input[0] in acc else 0.0
+        ranking.append({"node": n.name, "op": n.op_type, "prior": out_nsr - in_nsr, "gain": None})
+    ranking.sort(key=lambda r: -r["prior"])
+    measure_until = start + 0.5 * time_limit
+    for r in ranking:
+        if time.perf_counter() > measure_until:
+            break
+        r["gain"] = scorer.score(build(base.with_float([r["node"]]))).key() - baseline.key()
+    measured = [r for r in ranking if r["gain"] is not None]
+    rest = [r for r in ranking if r["gain"] is None]
+    measured.sort(key=lambda r: -r["gain"])
+    return measured + rest
+
+
+def _greedy(result: FallbackResult, ranking, scorer, build, base, budget: Budget, limit: int,
+            deadline: float) -> str:
+    chosen: list[str] = []
+    best_key = result.best.key()
+    for r in ranking[:limit]:
+        if time.perf_counter() > deadline:
+            return "time limit reached"
+        if r["gain"] is not None and r["gain"] <= 0:
+            return "no remaining layer improves fidelity"
+        chosen.append(r["node"])
+        plan = base.with_float(chosen)
+        model = build(plan)
+        score = scorer.score(model)
+        met = budget.met(score)
+        result.curve.append({"float_layers": len(chosen), "added": r["node"], **score.as_dict(), "met": met})
+        if met or score.key() > best_key:
+            best_key = score.key()
+            result.plan, result.model, result.best, result.met = plan, model, score, met
+        if met:
+            return f"budget met with {len(chosen)} layer(s) in float"
+    return f"float limit of {limit} layer(s) reached without meeting the budget"
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def fallback_for_pipeline(canonical: onnx.ModelProto, profile, stats, calib_data, *,
+                          fallback: "bool | FallbackOptions", time_limit_s: float | None = None,
+                          base_plan: PrecisionPlan | None = None, template: onnx.ModelProto | None = None,
+                          ) -> tuple[onnx.ModelProto, FallbackResult]:
+    """What ``edgeq.api.quantize(fallback=...)`` runs: the named canonical model and the fallback result."""
+    import itertools
+
+    options = fallback if isinstance(fallback, FallbackOptions) else FallbackOptions()
+    if time_limit_s is not None:
+        options = dataclasses.replace(options, time_limit_s=time_limit_s)
+    named = name_all_nodes(canonical)
+    feeds = list(itertools.islice(iter(calib_data), options.max_samples))
+    if not feeds:
+        raise EdgeqError("automatic fallback needs calibration samples to score candidates")
+    return named, auto_fallback(named, profile, stats, feeds, options=options, base_plan=base_plan,
+                                template=template)

@@ -1,0 +1,201 @@
+"""Mixed precision plans (conversion boundaries), sensitivity ranking and the automatic fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq import api
+from edgeq.calibration.calibrate import calibrate
+from edgeq.precision import (FallbackOptions, PrecisionPlan, auto_fallback, name_all_nodes, plan_from_overrides,
+                             quantize_with_plan)
+from edgeq.profiles import Override, load_profile
+
+D, LAYERS = 16, 10
+
+
+def _chain(seed=0):
+    """10 MatMul+Relu layers; the first reads an input whose channel 0 is ~1000x the others."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, last = [], [], "x"
+    for i in range(LAYERS):
+        w = rng.normal(size=(D, D)) / np.sqrt(D)
+        if i == 0:
+            w[0] *= 1e-3  # the outlier channel barely matters to the output...
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [last, f"w{i}"], [f"m{i}"], name=f"mm{i}"))
+        last = f"m{i}"
+        if i < LAYERS - 1:
+            nodes.append(helper.make_node("Relu", [last], [f"r{i}"], name=f"relu{i}"))
+            last = f"r{i}"
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, D])],
+                          [helper.make_tensor_value_info(last, TensorProto.FLOAT, [4, D])], inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _feeds(n, seed=1, outlier=True):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.normal(size=(4, D)).astype(np.float32)
+        x[:, 0] *= 1000.0 if outlier else 1.0  # ...but it sets the per-tensor scale of layer 0's input, crushing the other channels
+        out.append({"x": x})
+    return out
+
+
+def _qdq_inputs(model, node_name):
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return [producers[t].op_type if t in producers else None for t in node.input]
+
+
+# -- plans and boundaries ---------------------------------------------------------------------------------------
+def test_float_node_keeps_its_inputs_float_and_others_quantized():
+    m = _chain()
+    stats = calibrate(m, _feeds(8))
+    q = quantize_with_plan(m, load_profile("tensorrt"), stats, PrecisionPlan(float_nodes=frozenset({"mm3"})))
+    assert _qdq_inputs(q, "mm3") == ["Relu", None]  # float activation and float (initializer) weight
+    for name in ("mm2", "mm4"):
+        assert _qdq_inputs(q, name) == ["DequantizeLinear", "DequantizeLinear"]
+
+
+def test_whole_graph_boundaries_float_and_wide_nodes():
+    """QNN (every tensor quantized): a float island's result is quantized again for its quantized consumer, and a
+    wide node's output is 16-bit while its 8-bit neighbours stay 8-bit."""
+    from edgeq.model_io import ensure_opset
+
+    m = ensure_opset(_chain(), 21, why="16-bit activations")
+    stats = calibrate(m, _feeds(8, outlier=False))
+    plan = PrecisionPlan(float_nodes=frozenset({"mm3"}), wide_nodes=frozenset({"mm6"}))
+    q = quantize_with_plan(m, load_profile("qnn"), stats, plan)
+    producers = {o: n for n in q.graph.node for o in n.output}
+    consumers = {}
+    for n in q.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    # mm3 computes in float on float weights; its output m3 is quantized before the (quantized) Relu reads it
+    assert _qdq_inputs(q, "mm3")[1] is None
+    assert [c.op_type for c in consumers["m3"]] == ["QuantizeLinear"]
+    relu3 = next(n for n in q.graph.node if n.name == "relu3")
+    assert producers[relu3.input[0]].op_type == "DequantizeLinear"
+    # the wide node's output is uint16, the neighbouring layers' outputs uint8
+    qtype = {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    inits = {i.name: i for i in q.graph.initializer}
+    def zp_type(t):
+        return inits[qtype[t].input[2]].data_type
+    assert zp_type("m6") == TensorProto.UINT16
+    assert zp_type("m5") == TensorProto.UINT8 and zp_type("m7") == TensorProto.UINT8
+    # numerics: the wide output's own Q/DQ error is ~256x (48 dB) smaller than with 8 bits
+    from edgeq.debug import compare_tensors
+    q8 = quantize_with_plan(m, load_profile("qnn"), stats, PrecisionPlan(float_nodes=frozenset({"mm3"})))
+    pair = {"m6/dequantized": "m6"}
+    e16 = compare_tensors(q, q, _feeds(2, seed=5, outlier=False), pair)["m6/dequantized"]
+    e8 = compare_tensors(q8, q8, _feeds(2, seed=5, outlier=False), pair)["m6/dequantized"]
+    assert e8.sqnr_db > 30 and e16.sqnr_db > e8.sqnr_db + 40
+
+
+def test_plan_from_overrides_resolves_tensor_to_producer():
+    prof = dataclasses.replace(load_profile("qnn"), overrides=(Override(tensor="m2", precision="float"),
+                                                              Override(op_type="Relu", precision="int16")))
+    plan = plan_from_overrides(prof, _chain())
+    assert plan.float_nodes == {"mm2"}
+    assert plan.wide_nodes == {f"relu{i}" for i in range(LAYERS - 1)}
+    assert plan.with_float(["mm5"]).float_nodes == {"mm2", "mm5"}
+
+
+# -- automatic fallback -----------------------------------------------------------------------------------------
+def test_fallback_finds_the_sensitive_layer_and_records_the_curve():
+    m = _chain()
+    stats = calibrate(m, _feeds(8))
+    res = auto_fallback(m, load_profile("tensorrt"), stats, _feeds(8, seed=2),
+                        options=FallbackOptions(time_limit_s=60))
+    assert not res.curve[0]["met"] and res.curve[0]["sqnr_db"] < 12
+    assert res.met and res.plan.float_nodes == {"mm0"}
+    assert res.ranking[0]["node"] == "mm0" and res.ranking[0]["gain"] > 10
+    assert [p["float_layers"] for p in res.curve] == [0, 1] and res.curve[-1]["met"]
+    assert res.best.cosine >= 0.98 and res.best.sqnr_db >= 12
+    assert _qdq_inputs(res.model, "mm0")[0] != "DequantizeLinear"
+    json.dumps(res.as_dict())
+
+
+def test_fallback_respects_float_limit_and_time_limit():
+    m = _chain()
+    stats = calibrate(m, _feeds(8))
+    res = auto_fallback(m, load_profile("tensorrt"), stats, _feeds(4, seed=2),
+                        options=FallbackOptions(max_float_fraction=0.0))
+    assert not res.met and res.plan.float_nodes == frozenset() and "no layer may be kept" in res.stopped
+    res = auto_fallback(m, load_profile("tensorrt"), stats, _feeds(4, seed=2),
+                        options=FallbackOptions(time_limit_s=1e-3))
+    assert res.model is not None and res.stopped  # always returns the best model found
+
+
+def test_fallback_task_metric_callable(tmp_path, monkeypatch):
+    (tmp_path / "mymetric.py").write_text(
+        "import numpy as np\n"
+        "def neg_max_err(ref, cand):\n"
+        "    return -max(float(np.abs(r[k] - c[k]).max()) for r, c in zip(ref, cand) for k in r)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = _chain()
+    stats = calibrate(m, _feeds(8))
+    res = auto_fallback(m, load_profile("tensorrt"), stats, _feeds(4, seed=2),
+                        options=FallbackOptions(metric="mymetric:neg_max_err", min_metric=-0.01))
+    assert res.baseline.metric < -0.01 and res.met and res.best.metric >= -0.01
+    assert res.plan.float_nodes == {"mm0"}
+
+
+def test_api_and_cli_fallback_use_calibration_data_only(tmp_path, monkeypatch):
+    path = tmp_path / "chain.onnx"
+    onnx.save(_chain(), str(path))
+    calib, ev = tmp_path / "calib", tmp_path / "eval"
+    for folder, feeds in ((calib, _feeds(8)), (ev, _feeds(4, seed=9))):
+        folder.mkdir()
+        for i, f in enumerate(feeds):
+            np.savez(folder / f"{i:03d}.npz", **f)
+
+    import edgeq.precision as precision
+    seen = []
+    real = precision.auto_fallback
+
+    def spy(canonical, profile, stats, feeds, **kw):
+        seen.extend(feeds)
+        return real(canonical, profile, stats, feeds, **kw)
+
+    monkeypatch.setattr(precision, "auto_fallback", spy)
+    r = api.quantize(path, target="tensorrt", calib=str(calib), output=tmp_path / "q.onnx", eval_data=str(ev),
+                     fallback=True, time_limit_s=60, latency_runs=0)
+    calib_x = [f["x"] for f in _feeds(8)]
+    assert seen and all(any(np.array_equal(f["x"], c) for c in calib_x) for f in seen)
+    fb = r.report["fallback"]
+    assert fb["float_nodes"] == ["mm0"] and fb["met"] and "calibration" in fb["data"]
+    assert r.passed and r.report["quantization"]["compute_ops_quantized"] == LAYERS - 1
+    json.dumps(r.report)
+
+    from edgeq.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(path), "-t", "tensorrt", "--calib", str(calib), "-o", str(tmp_path / "q2.onnx"),
+              "--auto-fallback", "--fallback-time-limit", "30", "--report", str(tmp_path / "r.json")])
+    assert exc.value.code == 0
+    assert json.loads((tmp_path / "r.json").read_text())["fallback"]["float_nodes"] == ["mm0"]
+
+
+def test_fallback_options_are_checked():
+    from edgeq.errors import EdgeqError
+
+    with pytest.raises(EdgeqError, match="min_metric"):
+        FallbackOptions(metric="m:f")
+    with pytest.raises(EdgeqError):
+        FallbackOptions(time_limit_s=0)
+
+
+def test_name_all_nodes_is_stable():
+    m = _chain()
+    for n in m.graph.node:
+        n.name = ""
+    a, b = name_all_nodes(m), name_all_nodes(m)
+    assert [n.name for n in a.graph.node] == [n.name for n in b.graph.node]
+    assert len({n.name for n in a.graph.node}) == len(a.graph.node)
