@@ -15,8 +15,8 @@ Translators register themselves with :func:`translates`; they return the node's 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -28,10 +28,8 @@ from onnx.reference import ReferenceEvaluator
 # Ops that must never be constant-folded: weight DequantizeLinear stays compressed, random ops are not constants.
 _NEVER_FOLD = {"DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                "Multinomial", "Bernoulli"}
-# Ops whose output is a constant even when their input is a run-time tensor (shapes are static here).
-SHAPE_ONLY_OPS = {"Shape", "Size"}
 
-TRANSLATORS: dict[str, Callable[["LoweringContext", onnx.NodeProto], object]] = {}
+TRANSLATORS: dict[str, Callable[[LoweringContext, onnx.NodeProto], object]] = {}
 
 
 def translates(*op_types: str):
@@ -111,11 +109,12 @@ class LoweringContext:
     # -- names -------------------------------------------------------------------------------------------
     def reserve(self, onnx_name: str) -> str:
         """Reserve the MIL name of a graph input or output, so internal ops never take it."""
-        name = self._unique(sanitize(onnx_name))
+        name = self.unique_name(sanitize(onnx_name))
         self._reserved[onnx_name] = name
         return name
 
-    def _unique(self, base: str) -> str:
+    def unique_name(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``... if a MIL op already has that name."""
         name, k = base, 1
         while name in self._used_names:
             name, k = f"{base}_{k}", k + 1
@@ -127,11 +126,11 @@ class LoweringContext:
         onnx_name = self.node.output[index]
         if onnx_name in self._reserved:
             return self._reserved[onnx_name]
-        return self._unique(sanitize(onnx_name))
+        return self.unique_name(sanitize(onnx_name))
 
     def tmp_name(self, tag: str) -> str:
         """Name for a helper op of the current node."""
-        return self._unique(f"{sanitize(self.node.output[0])}__{tag}")
+        return self.unique_name(f"{sanitize(self.node.output[0])}__{tag}")
 
     # -- attributes and inputs -----------------------------------------------------------------------------
     def attr(self, name: str, default=None):
@@ -165,7 +164,7 @@ class LoweringContext:
             return value
         if isinstance(value, QuantizedWeight):
             return value.materialize(self)
-        return mb.const(val=to_mil_array(value, like), name=self._unique("const"))
+        return mb.const(val=to_mil_array(value, like), name=self.unique_name("const"))
 
     def input_var(self, index: int, like=None) -> Var:
         return self.var(self.value(index), like)

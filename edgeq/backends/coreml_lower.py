@@ -8,13 +8,13 @@ collected, and the walk ends with one :class:`~edgeq.errors.CompileError` that l
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from coremltools.converters.mil.mil import Function, Program, Var, types
 from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Function, Program, Var, types
 from onnx import TensorProto, numpy_helper
 
 from edgeq.backends import coreml_ops, coreml_ops_math, coreml_ops_tensor, coreml_quant  # noqa: F401 (registry)
@@ -87,11 +87,10 @@ def _static_shapes(graph: onnx.GraphProto, overrides: Mapping[str, Sequence[int]
             shapes[inp.name] = tuple(dims)
     if dynamic:
         listed = "; ".join(f"{name!r} has shape {dims}" for name, dims in dynamic)
-        example = " ".join(f"--input-shape {name}={','.join(str(d) if isinstance(d, int) and d > 0 else '1' for d in dims)}"
-                           for name, dims in dynamic)
-        raise UnsupportedModelError(
-            f"Core ML lowering needs static input shapes, but {listed}. Give the shapes to compile for, e.g. "
-            f"{example} (Python: input_shapes={{name: (1, 3, 224, 224)}})")
+        fixed = {name: tuple(d if isinstance(d, int) and d > 0 else 1 for d in dims) for name, dims in dynamic}
+        flags = " ".join(f"--input-shape {name}={','.join(map(str, shape))}" for name, shape in fixed.items())
+        raise UnsupportedModelError(f"Core ML lowering needs static input shapes, but {listed}. Give the shapes "
+                                    f"to compile for, e.g. {flags} (Python: input_shapes={fixed})")
     return shapes
 
 
@@ -140,7 +139,7 @@ def lower_model(model: onnx.ModelProto, *, target, target_level: int, fp32_ops: 
             if node.op_type in fp32_ops or (node.name and node.name in fp32_ops) or (
                     mixed and isinstance(ctx.values.get(node.output[0]), Var)
                     and ctx.values[node.output[0]].dtype == types.fp32):
-                keep_fp32.update(op.name for op in func.operations[before:])
+                keep_fp32.update(_newest_op_names(func, len(func.operations) - before))
         if problems:
             raise CompileError(f"Core ML cannot lower {len(problems)} node(s):\n" + "\n".join(problems)
                                + "\nReplace these nodes in the ONNX model, or compile for another target.")
@@ -150,6 +149,15 @@ def lower_model(model: onnx.ModelProto, *, target, target_level: int, fp32_ops: 
     program.add_function("main", func)
     return LoweredProgram(program, tuple(inputs), tuple(out_bindings), tuple(ctx.weights),
                           tuple(ctx.activation_qdq), frozenset(keep_fp32), tuple(ctx.notes))
+
+
+def _newest_op_names(func: Function, count: int) -> list[str]:
+    names = []
+    for op in reversed(func.operations):  # a linked list: walk back from the end, never slice
+        if len(names) == count:
+            break
+        names.append(op.name)
+    return names
 
 
 def _describe(node: onnx.NodeProto) -> str:

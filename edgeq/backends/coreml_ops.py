@@ -106,10 +106,7 @@ def conv_transpose(ctx: LoweringContext, node):
         y = mb.pad(x=y, pad=[p for g in grow for p in (0, g)], mode="constant", constant_val=0.0,
                    name=ctx.tmp_name("outpad"))
     if ctx.has_input(2):
-        bias = ctx.value(2)
-        bias = ctx.var(bias.reshape([-1] + [1] * n) if isinstance(bias, np.ndarray) else bias, like=x)
-        if not isinstance(ctx.value(2), np.ndarray):
-            bias = mb.reshape(x=bias, shape=[-1] + [1] * n, name=ctx.tmp_name("bias"))
+        bias = ctx.var(_reshaped(ctx, ctx.value(2), [-1] + [1] * n), like=x)
         return mb.add(x=y, y=bias, name=ctx.out_name())
     return mb.identity(x=y, name=ctx.out_name())
 
@@ -172,8 +169,8 @@ def _pool(ctx: LoweringContext, kind: str):
         raise NodeUnsupported(f"dilated pooling (dilations={dilations}) has no Core ML equivalent")
     if ctx.attr("storage_order", 0):
         raise NodeUnsupported("MaxPool storage_order=1 is not supported")
-    common = dict(x=x, kernel_sizes=kernel, strides=strides, pad_type="custom", pad=_flat(pads),
-                  ceil_mode=bool(ctx.attr("ceil_mode", 0)), name=ctx.out_name())
+    common = {"x": x, "kernel_sizes": kernel, "strides": strides, "pad_type": "custom", "pad": _flat(pads),
+                  "ceil_mode": bool(ctx.attr("ceil_mode", 0)), "name": ctx.out_name()}
     if kind == "max":
         return mb.max_pool(**common)
     return mb.avg_pool(**common, exclude_padding_from_average=not ctx.attr("count_include_pad", 0))

@@ -215,7 +215,7 @@ def _resize_sizes(ctx: LoweringContext, x: Var) -> tuple[list[int], list[float] 
     full_scales = [1.0] * len(dims)
     for a, s in zip(axes, scales):
         full_scales[a] = float(s)
-    return [int(math.floor(d * s)) for d, s in zip(dims, full_scales)], full_scales
+    return [math.floor(d * s) for d, s in zip(dims, full_scales)], full_scales
 
 
 @translates("Resize")

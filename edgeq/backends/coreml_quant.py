@@ -84,23 +84,14 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.data.shape)
 
-    def transposed(self, perm) -> "QuantizedWeight":
+    def transposed(self, perm) -> QuantizedWeight:
         perm = tuple(int(p) for p in perm)
         composed = perm if self.perm is None else tuple(self.perm[p] for p in perm)
+        if composed == tuple(range(len(composed))):
+            composed = None
         zp = None if self.zero_point is None else self.zero_point.transpose(perm)
         return QuantizedWeight(self.source, self.data.transpose(perm), self.dtype, self.scale.transpose(perm), zp,
                                self.granularity, self.block_size, composed, self._cache)
-
-    def dequantized(self) -> np.ndarray:
-        """The float values (scale * (q - zero_point)), for reference and tests."""
-        data = self.data.astype(np.float64)
-        scale, zp = self.scale.astype(np.float64), self.zero_point
-        for axis, (d, s) in enumerate(zip(data.shape, scale.shape)):
-            if s not in (1, d):
-                scale = np.repeat(scale, d // s, axis)
-                zp = None if zp is None else np.repeat(zp, d // s, axis)
-        centered = data if zp is None else data - zp.astype(np.float64)
-        return (centered * scale).astype(self.scale.dtype)
 
     def materialize(self, ctx: LoweringContext) -> Var:
         key = self.perm
@@ -109,7 +100,7 @@ class QuantizedWeight:
         return self._cache[key]
 
     def _emit(self, ctx: LoweringContext) -> Var:
-        name = ctx._unique(weight_op_name(self.source, self.perm))
+        name = ctx.unique_name(weight_op_name(self.source, self.perm))
         if ctx.target_level >= 18:
             op_type = "constexpr_blockwise_shift_scale"
             sub_byte = {"int4": types.np_int4_dtype, "uint4": types.np_uint4_dtype}.get(self.dtype)
@@ -126,10 +117,6 @@ class QuantizedWeight:
         return var
 
     def _affine_params(self) -> dict:
-        if self.dtype not in ("int8", "uint8") or self.granularity == "per_block":
-            what = f"{self.dtype} weights" if self.dtype not in ("int8", "uint8") else "per-block quantized weights"
-            raise NodeUnsupported(f"{what} ({self.source!r}) need constexpr_blockwise_shift_scale: "
-                                  "set minimum_deployment_target to iOS18 or macOS15")
         zero = np.zeros(self.scale.shape, self.data.dtype)
         zp = self.zero_point if self.zero_point is not None else zero
         channel_axes = [a for a, s in enumerate(self.scale.shape) if s != 1]
@@ -171,6 +158,10 @@ def _weight_dequantize(ctx: LoweringContext, data: np.ndarray):
     scale = ctx.const(1, "DequantizeLinear scale")
     zp = ctx.optional_const(2, "DequantizeLinear zero point")
     scale, zp, granularity, block_size = _full_rank_params(ctx, data, scale, zp)
+    if ctx.target_level < 18 and (dtype in ("int4", "uint4") or granularity == "per_block"):
+        what = f"{dtype} weights" if dtype in ("int4", "uint4") else "per-block quantized weights"
+        raise NodeUnsupported(f"{what} need constexpr_blockwise_shift_scale: set minimum_deployment_target to "
+                              "iOS18 or macOS15")
     widened = data.astype(np.int8 if dtype in ("int8", "int4") else np.uint8)
     if zp is not None:
         zp = zp.astype(widened.dtype)
@@ -196,8 +187,19 @@ def _activation_params(ctx: LoweringContext, x: Var, what: str):
     else:
         params["scale"] = params["scale"].reshape(())
     if zp is not None:
-        params["zero_point"] = zp.reshape(params["scale"].shape)
+        zp = zp.reshape(params["scale"].shape)
     return params, zp
+
+
+def _canonical_zero_point(zp: np.ndarray | None, dtype: str) -> tuple[np.ndarray | None, str]:
+    """The zero point and dtype Core ML prefers for the same mapping: no zero point when it is 0, and uint8
+    with zero point 128 as int8 without one (u = i + 128). coremltools' nullify_redundant_quantization_zero_point
+    pass would make this rewrite anyway, renaming the ops; doing it here keeps their names."""
+    if zp is None or not zp.any():
+        return None, dtype
+    if dtype == "uint8" and np.all(zp == 128):
+        return None, "int8"
+    return zp.astype(dtype), dtype
 
 
 @translates("DequantizeLinear")
@@ -210,7 +212,11 @@ def dequantize_linear(ctx: LoweringContext, node):
     if x.dtype not in (types.int8, types.uint8):
         raise NodeUnsupported(f"activation DequantizeLinear of {types.builtin_to_string(x.dtype)}: "
                               "Core ML dequantize takes int8/uint8 only")
-    params, _ = _activation_params(ctx, x, "DequantizeLinear")
+    params, zp = _activation_params(ctx, x, "DequantizeLinear")
+    if zp is not None and zp.dtype == np.uint8 and x.dtype == types.int8:  # its QuantizeLinear went int8
+        zp = (zp.astype(np.int16) - 128).astype(np.int8)
+    if zp is not None and zp.any():
+        params["zero_point"] = zp.astype(types.nptype_from_builtin(x.dtype))
     return mb.dequantize(input=x, **params, name=ctx.out_name())
 
 
@@ -221,7 +227,9 @@ def quantize_linear(ctx: LoweringContext, node):
     output_dtype = zp.dtype.name if zp is not None else {2: "uint8", 3: "int8"}.get(ctx.attr("output_dtype", 2))
     if output_dtype not in ("int8", "uint8"):
         raise NodeUnsupported(f"activation QuantizeLinear to {output_dtype}: Core ML quantize outputs int8/uint8 only")
-    if params["scale"].dtype != types.nptype_from_builtin(x.dtype):
-        params["scale"] = params["scale"].astype(types.nptype_from_builtin(x.dtype))
+    zp, output_dtype = _canonical_zero_point(zp, output_dtype)
+    if zp is not None:
+        params["zero_point"] = zp
+    params["scale"] = params["scale"].astype(types.nptype_from_builtin(x.dtype))
     ctx.activation_qdq.append(node.name or node.output[0])
     return mb.quantize(input=x, **params, output_dtype=output_dtype, name=ctx.out_name())
