@@ -139,17 +139,20 @@ def _tensorrt(m: _Model, profile, out: list[Finding]) -> None:
                 out.append(Finding("trt-unquantized-input", n.name, f"{n.op_type} input(s) {', '.join(missing)} "
                                    "have no Q/DQ; the layer runs in float", "warning"))
         if n.op_type == "Add":
+            direct = [m.producer.get(i) for i in n.input]
+            if any(p is not None and p.op_type in ("Conv", "ConvTranspose") for p in direct):
+                continue  # TensorRT fuses that Conv with the Add; the other input may carry Q/DQ
             for i in n.input:
                 dq = m.producer.get(i)
                 if dq is None or dq.op_type != "DequantizeLinear":
                     continue
                 q = m.producer.get(dq.input[0])
                 src = m.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
-                if src is not None and src.op_type in ("Conv", "ConvTranspose") and \
-                        len(m.consumers.get(q.input[0], [])) == 1:
+                if src is not None and src.op_type in ("Conv", "ConvTranspose"):
                     out.append(Finding("trt-residual-fusion", n.name, f"Q/DQ between {src.op_type} {src.name} and "
-                                       "the residual Add breaks TensorRT's Conv+Add fusion; quantize the other "
-                                       "(shortcut) input instead"))
+                                       "the residual Add, and no input comes straight from a Conv: TensorRT "
+                                       "cannot fuse Conv+Add; leave one Conv output unquantized into the Add"))
+                    break
 
 
 def _qnn_supported() -> frozenset[str]:
