@@ -386,14 +386,17 @@ class _Rewriter:
             self.result.skipped.append(_skip(node, "bias kept in float: blockwise weight scales"))
             return
         b = b.astype(np.float64).reshape(-1)
-        scale = (s_x * s_w) * np.ones_like(b)
-        q = np.clip(np.round(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        per_channel = s_w.size > 1
+        scale = (s_x * s_w).reshape(-1) if per_channel else np.asarray(float(s_x) * float(s_w))
+        q = np.clip(np.round(b / (scale if per_channel else float(scale))), -(2**31), 2**31 - 1).astype(np.int32)
         base = node.inputs[idx].name
         out = gs.Variable(f"{base}/dequantized", dtype=np.float32, shape=[b.size])
+        # per-tensor weights get a per-tensor bias scale: QNN's Gemm misreads a per-axis bias next to them
         self.graph.nodes.append(gs.Node(
-            "DequantizeLinear", f"{base}/DequantizeLinear", attrs={"axis": 0},
-            inputs=[gs.Constant(f"{base}/quantized", q), gs.Constant(f"{base}/scale", scale.astype(np.float32)),
-                    gs.Constant(f"{base}/zero_point", np.zeros(b.size, np.int32))], outputs=[out]))
+            "DequantizeLinear", f"{base}/DequantizeLinear", attrs={"axis": 0} if per_channel else {},
+            inputs=[gs.Constant(f"{base}/quantized", q), gs.Constant(f"{base}/scale", np.asarray(scale, np.float32)),
+                    gs.Constant(f"{base}/zero_point", np.zeros(b.size if per_channel else (), np.int32))],
+            outputs=[out]))
         node.inputs[idx] = out
         self.result.rewrites += 1
 

@@ -94,3 +94,22 @@ def test_stats_are_saved_and_reused(tmp_path, digits):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     c = edgeq("calibrate", digits["model"], "--calib", digits["calib"], "-o", tmp_path / "s2.npz")
     assert c.returncode == 0 and (tmp_path / "s2.npz").exists()
+
+
+@pytest.mark.qnn
+def test_qnn_emulator_matches_ort_simulation_on_digits(tmp_path, digits):
+    pytest.importorskip("onnxruntime_qnn", reason="needs the qnn extra (onnxruntime-qnn's HTP emulator)")
+    import numpy as np
+
+    q, ctx, data = tmp_path / "q.onnx", tmp_path / "q.ctx.onnx", tmp_path / "eval.npz"
+    np.savez(data, image=np.load(digits["eval"])["image"][:40])
+    assert edgeq("quantize", digits["model"], "-t", "qnn", "--calib", digits["calib"], "-o", q).returncode == 0
+    c = edgeq("compile", q, "-t", "qnn", "-o", ctx, "--input-shape", "image=1,1,8,8")
+    assert c.returncode == 0, c.stderr
+    assert "nodes not on QNN: none" in c.stdout
+    for backend_model, args in ((q, ["--backend", "ort"]), (ctx, ["--backend", "qnn"])):
+        r = edgeq("validate", digits["model"], backend_model, "--data", data, "--report", tmp_path / "v.json", *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rep = json.loads((tmp_path / "v.json").read_text())
+        out = rep["validation"]["outputs"][0]
+        assert out["cosine_mean"] > 0.999 and out["top1_agreement"] >= 0.97, (args, out)
