@@ -88,3 +88,16 @@ def test_relu6_clip_is_skipped_with_reason():
     assert res.rewrites == 0 and not res.changed
     assert any("ReLU6" in s.reason for s in res.skipped)
     assert all(np.array_equal(v, _weights(m)[k]) for k, v in _weights(out).items() if k in _weights(m))
+
+
+def test_relu6_becomes_relu_and_per_channel_min_when_asked():
+    m = _mbconv(act="Clip", clip_max=6.0)
+    out, res = _apply(m, bounded_clip="per_channel_min")
+    assert res.rewrites == 2
+    ops = [n.op_type for n in out.graph.node]
+    assert "Clip" not in ops and ops.count("Min") == 2 and ops.count("Relu") == 2
+    bound = next(i for i in out.graph.initializer if i.name.endswith("/bound"))
+    assert list(numpy_helper.to_array(bound).shape) == [8, 1, 1] and np.ptp(numpy_helper.to_array(bound)) > 0
+    x = (RNG.normal(size=(1, 4, 6, 6)) * 3).astype(np.float32)  # large enough that many values clip at 6
+    ref = _run(m, x)
+    np.testing.assert_allclose(_run(out, x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
