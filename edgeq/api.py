@@ -20,7 +20,8 @@ from edgeq.calibration.data import model_inputs, open_dataset
 from edgeq.calibration.stats import CalibrationStats
 from edgeq.errors import CalibrationDataError, EdgeqError, UnsupportedModelError
 from edgeq.ir import to_graph, to_model
-from edgeq.model_io import check_output_path, default_opset, ensure_opset, load_model, model_size_bytes, save_model
+from edgeq.model_io import (check_output_path, default_opset, ensure_opset, load_model, model_size_bytes, save_model,
+                            staged_output)
 from edgeq.pass_base import PassContext, PassManager, make_pass
 from edgeq.profiles import TargetProfile, Thresholds, load_profile
 from edgeq.quant_math import required_opset
@@ -76,6 +77,8 @@ def calibrate(model: str | Path | onnx.ModelProto, calib: Any, *, stats_out: str
               preprocess: str | Path | None = None, max_samples: int | None = None, progress: bool = False,
               tensors: list[str] | None = None) -> CalibrationStats:
     """Run calibration alone (``edgeq calibrate``); returns (and optionally saves) the statistics."""
+    if stats_out is not None:
+        check_output_path(stats_out, *([model] if isinstance(model, (str, Path)) else []))
     m = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     data = open_dataset(calib, model_inputs(m), preprocess=preprocess, limit=max_samples)
     total = data.length
@@ -123,6 +126,8 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     out = check_output_path(output, model)
     if report is not None:
         check_output_path(report, model)
+    if stats is not None and not Path(stats).exists():
+        check_output_path(stats, model)
     original = load_model(model)
     inputs = model_inputs(original)
     calib_data = open_dataset(calib, inputs, preprocess=preprocess, limit=max_calib_samples)
@@ -191,13 +196,21 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
                 PassContext(profile=profile, stats=calib_stats, precision=precision_plan))
     qmodel = to_model(graph, original)
     timings["insert_qdq_s"] = time.perf_counter() - start
-    save_model(qmodel, out, inputs=(model,))
-
     lint = None
     if check:
         from edgeq.lint import check_model as lint_model
 
         lint = lint_model(qmodel, profile)
+    val = None
+    with staged_output(out) as staged:  # the output appears only after validation, the last step that can fail
+        save_model(qmodel, staged, inputs=(model,))
+        if eval_ds is not None:
+            from edgeq.validation import compare
+
+            start = time.perf_counter()
+            val = compare(model, staged, eval_hash.stream, thresholds=profile.thresholds, latency_runs=latency_runs,
+                          progress=progress_printer("validating") if progress else None, total=eval_ds.length)
+            timings["validate_s"] = time.perf_counter() - start
     records = canon_manager.records + manager.records
     rep: dict[str, Any] = {
         "schema": SCHEMA,
@@ -225,13 +238,7 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
         "versions": tool_versions(),
     }
     passed = None
-    if eval_ds is not None:
-        from edgeq.validation import compare
-
-        start = time.perf_counter()
-        val = compare(model, out, eval_hash.stream, thresholds=profile.thresholds, latency_runs=latency_runs,
-                      progress=progress_printer("validating") if progress else None, total=eval_ds.length)
-        timings["validate_s"] = time.perf_counter() - start
+    if val is not None:
         rep["validation"] = val.as_dict()
         rep["eval_data_sha256"] = eval_hash.sha256
         passed = val.passed

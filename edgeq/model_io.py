@@ -257,6 +257,23 @@ def atomic_path(final: Path, *, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_output(final: Path) -> Iterator[Path]:
+    """Yield ``final``'s name inside a hidden folder next to it; its files (the model and any external ``.data``)
+    move into place only if the block succeeds, and the folder is removed on any failure or interrupt. Work that
+    can still fail after saving (validation) runs inside the block, so a failed run leaves no output behind."""
+    import shutil
+
+    final = Path(final)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent or "."))
+    try:
+        yield tmpdir / final.name
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == final.name):  # the model last
+            os.replace(f, final.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, inputs: tuple = ()) -> Path:
     """Write ``model`` to ``output`` atomically, with external data when it exceeds the protobuf limit."""
     out = check_output_path(output, *inputs)

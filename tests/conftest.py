@@ -142,7 +142,19 @@ def digits():
 # ------------------------------------------------------------------------------------------------ running the CLI
 _CLI_SERVER = r'''
 import json, os, runpy, signal, sys, time, traceback
-import edgeq.cli, edgeq.api, onnx, onnxruntime, numpy  # paid once; every command runs in a fresh fork
+import importlib, pkgutil
+import edgeq.cli, edgeq.api  # imports are paid once here; every command runs in a fresh fork
+passes = importlib.import_module("edgeq.passes")
+for mod in ["edgeq.lint", "edgeq.inspect", "edgeq.validation", "edgeq.compile", "edgeq.calibration.images"] + [
+        "edgeq.passes." + m.name for m in pkgutil.iter_modules(passes.__path__)]:
+    try:
+        importlib.import_module(mod)
+    except Exception:
+        pass
+edgeq.profiles.list_targets()  # warm the caches (YAML, type hints, onnx schemas) once
+edgeq.model_io.load_model(os.path.join("calibration_data", "digits_cnn.onnx"))
+import gc
+gc.freeze()  # forked children then do not touch (copy) the parent's heap when they collect garbage
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -103,6 +104,10 @@ def calibrate(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]], *,
     if count == 0:
         raise CalibrationDataError("calibration data contains no samples")
     log.info("calibrated %d tensors on %d samples in %.1fs", len(observers), count, time.perf_counter() - start)
+    overflowed = [n for n, o in observers.items() if math.isinf(o.min) and o.min < 0 or math.isinf(o.max) and o.max > 0]
+    if overflowed:
+        log.warning("the float model produced inf/nan on the calibration data in %d tensor(s) (first: %s); they stay "
+                    "in float. Check the scale of the calibration data.", len(overflowed), overflowed[0])
     return CalibrationStats(tensors=observers, samples=count, model_fingerprint=graph_fingerprint(model),
                             data_fingerprint=data_fingerprint)
 

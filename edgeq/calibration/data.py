@@ -238,11 +238,20 @@ def _npz_stacked(path: Path, inputs: list[InputSpec], what: str) -> Dataset:
     if n == 0:
         raise CalibrationDataError(f"{what}: {path} contains zero samples")
 
+    label = f"{what} {path.name}"
+    # Fail before any model work: all samples share sample 0's dtype and shape, and non-finite values are found by
+    # one vectorised scan.
+    check_sample({k: v[:1] for k, v in arrays.items()}, inputs, where=f"{label} sample 0")
+    for k, v in arrays.items():
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            i = int(np.argmax(~np.isfinite(v.reshape(n, -1)).all(axis=1)))
+            check_sample({k2: v2[i:i + 1] for k2, v2 in arrays.items()}, inputs, where=f"{label} sample {i}")
+
     def gen():
         for i in range(n):
             yield {k: v[i:i + 1] for k, v in arrays.items()}
 
-    return Dataset(gen, inputs, label=f"{what} {path.name}", length=n, fingerprint=str(path))
+    return Dataset(gen, inputs, label=label, length=n, fingerprint=str(path))
 
 
 def _npz_folder(folder: Path, files: list[Path], inputs: list[InputSpec], what: str) -> Dataset:

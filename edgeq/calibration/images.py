@@ -75,6 +75,8 @@ def image_dataset(folder: Path, images: list[Path], inputs: list[InputSpec], *, 
     pre_path = Path(preprocess) if preprocess else folder / "preprocess.yaml"
     if isinstance(preprocess, ImagePreprocess):
         pre = preprocess
+    elif preprocess and not pre_path.is_file():
+        raise CalibrationDataError(f"{what}: image preprocessing file not found: {pre_path}")
     elif pre_path.exists():
         pre = load_preprocess(pre_path)
     else:

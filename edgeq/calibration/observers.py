@@ -34,7 +34,16 @@ class TensorObserver:
         if x.size == 0 or x.dtype.kind != "f":
             return
         x = x.astype(np.float32, copy=False)
-        finite = x if np.isfinite(x).all() else x[np.isfinite(x)]
+        ok = np.isfinite(x)
+        finite = x if ok.all() else x[ok]
+        if finite.size != x.size:
+            # Overflow or invalid arithmetic in the float model: widen the range to infinity so the tensor is never
+            # quantized from its finite values alone (insert_qdq keeps it in float, naming the range).
+            bad = x[~ok]
+            if np.isnan(bad).any() or (bad > 0).any():
+                self.max = math.inf
+            if np.isnan(bad).any() or (bad < 0).any():
+                self.min = -math.inf
         if finite.size == 0:
             return
         lo, hi = float(finite.min()), float(finite.max())
@@ -44,12 +53,14 @@ class TensorObserver:
             self.bound = amax if amax > 0 else 1e-8
         elif amax > self.bound:
             self._grow(amax)
-        idx = ((finite.ravel() + self.bound) * (NUM_BINS / (2 * self.bound))).astype(np.int64)
-        np.clip(idx, 0, NUM_BINS - 1, out=idx)
+        # float64: near float32's limit, x + bound would overflow.
+        pos = (finite.ravel().astype(np.float64) + self.bound) * (NUM_BINS / (2 * self.bound))
+        idx = np.clip(pos, 0, NUM_BINS - 1).astype(np.int64)
         self.hist += np.bincount(idx, minlength=NUM_BINS)
         self.count += finite.size
         if self.channel_absmax is not None and x.ndim >= 1:
             cmax = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+            cmax[np.isnan(cmax)] = np.inf
             if self.channel_absmax.size != cmax.size:
                 self.channel_absmax = cmax if self.channel_absmax.size == 0 else \
                     np.maximum(self.channel_absmax.max(), cmax)
