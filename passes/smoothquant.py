@@ -10,9 +10,11 @@ Gemm or ``Mul(gamma)`` (decomposed LayerNorm); a MatMul/Gemm's output columns --
 rows of every consumer's weight. With ``search_alpha`` each group picks alpha from a small grid (or no smoothing)
 by a W8A8 error proxy computed from the statistics alone (per-tensor activation step times the weight energy, plus
 per-channel weight steps times the activation energy estimated from the channel abs-max).
+When X is also read by other ops (the residual Add of a post-LN transformer) and ``shared_inputs`` is set, only the
+MatMul/Gemm branch is smoothed, through an inserted ``Mul(X, 1/s)`` that the other readers bypass.
 Preconditions: per-channel statistics of X (the pipeline gathers them because ``needs_stats`` is set).
 Skips (with a reason): no statistics, a weight that is not constant, X shared with a non-linear consumer or a graph
-output, a producer that cannot absorb ``1/s`` where inserting a Mul would not be quantized, a profile that does not
+output (without ``shared_inputs``), a producer that cannot absorb ``1/s`` where inserting a Mul would not be quantized, a profile that does not
 quantize the activations. Numerically exact in float (~1e-6 relative); it changes only how error is split between
 activation and weight quantization. Targets: transformer models (MatMul/Gemm after LayerNorm) on any W8A8 profile.
 """
@@ -44,6 +46,7 @@ class SmoothQuantPass(GraphPass):
         min_scale: float = 1e-5
         max_scale: float = 1e5
         insert_mul: bool = True
+        shared_inputs: bool = True
 
         def __post_init__(self):
             if not 0.0 <= self.alpha <= 1.0:
@@ -72,16 +75,18 @@ class SmoothQuantPass(GraphPass):
 
     # ------------------------------------------------------------------------------------------------------------
     def _smooth(self, graph: gs.Graph, ctx: PassContext, x: gs.Tensor, alphas: dict) -> str | None:
-        users = list(x.outputs)
-        for u in users:
-            if u.op not in ("MatMul", "Gemm") or u.inputs[0] is not x:
-                return f"{x.name} is also read by {u.op} {u.name}, which cannot absorb the scale"
-            if any(t is x for t in u.inputs[1:]):
-                return f"{u.op} {u.name} reads {x.name} twice"
-            if weight_of(u) is None:
-                return f"{u.op} {u.name}: weight is not constant (or not a 2-D float matrix)"
-        if x in graph.outputs:
-            return f"{x.name} is a graph output"
+        users, others = [], []
+        for u in x.outputs:
+            linear = u.op in ("MatMul", "Gemm") and u.inputs[0] is x and not any(t is x for t in u.inputs[1:])
+            (users if linear and weight_of(u) is not None else others).append(u)
+        if not users:
+            u = others[0]
+            return f"{u.op} {u.name}: weight is not constant (or not a 2-D float matrix)" \
+                if u.op in ("MatMul", "Gemm") else f"{x.name} is not read by a MatMul/Gemm"
+        shared = bool(others) or x in graph.outputs
+        if shared and not (self.options.shared_inputs and self.options.insert_mul):
+            what = f"{others[0].op} {others[0].name}" if others else "the graph output"
+            return f"{x.name} is also read by {what}, which cannot absorb the scale"
         if not any(_quantizes_activation(ctx, u) for u in users):
             return "the profile does not quantize these activations; smoothing would only make weights harder"
         obs = ctx.stats.get(x.name) if ctx.stats is not None else None
@@ -102,6 +107,11 @@ class SmoothQuantPass(GraphPass):
             alpha = self.options.alpha
             alphas[x.name] = alpha
         s = self._scales(act, w_max, alpha)
+        if shared:  # the other readers keep x; only the linear consumers' branch is scaled
+            self._insert_mul(graph, x, users, 1.0 / s)()
+            for u in users:
+                scale_inputs(u, s, graph, "smoothed")
+            return None
         apply = self._producer_fold(graph, x, 1.0 / s)
         if isinstance(apply, str):
             if not self.options.insert_mul:

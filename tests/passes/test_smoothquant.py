@@ -121,7 +121,7 @@ def test_skips_nonconstant_weight_and_nonlinear_sharing():
              helper.make_node("MatMul", ["ln", "lnT"], ["gram"])]  # activation x activation: weight not constant
     m = _block(extra_nodes=extra)
     m.graph.output.append(helper.make_tensor_value_info("gram", TensorProto.FLOAT, None))
-    out, res = _smooth(m)
+    out, res = _smooth(m, shared_inputs=False)
     reasons = " | ".join(s.reason for s in res.skipped)
     assert "Transpose" in reasons  # ln is shared with a non-linear consumer
     ln = next(n for n in out.graph.node if n.op_type == "LayerNormalization")
@@ -151,3 +151,21 @@ def test_bad_alpha_is_a_profile_error():
 
     with pytest.raises(ProfileError, match="alpha"):
         make_pass("smoothquant", {"alpha": 1.5})
+
+
+def test_shared_input_smooths_only_the_linear_branch():
+    """Post-LN style: ln is also read by a residual Add; q/k/v/fc1 read ln * (1/s) through one inserted Mul."""
+    extra = [helper.make_node("Add", ["ln", "x"], ["resid"])]
+    m = _block(extra_nodes=extra)
+    m.graph.output.append(helper.make_tensor_value_info("resid", TensorProto.FLOAT, None))
+    out, res = _smooth(m)
+    assert res.rewrites == 2
+    muls = [n for n in out.graph.node if n.op_type == "Mul"]
+    ln_mul = next(n for n in muls if n.input[0] == "ln")
+    assert sorted(n.op_type for n in out.graph.node if ln_mul.output[0] in n.input) == ["MatMul"] * 4
+    assert next(n for n in out.graph.node if n.op_type == "Add" and "x" in n.input).input[0] == "ln"
+    feeds = _data(2, seed=5)
+    s0 = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    s1 = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    for a, b in zip(s0.run(None, feeds[0]), s1.run(None, feeds[0])):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
