@@ -77,7 +77,8 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True, chec
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load external data for {p}: {_first_line(exc)}")
     if check:
-        check_model(model, p)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        check_model(model, p, file=p if external else None)
     return model
 
 
@@ -161,10 +162,16 @@ def _check_acyclic(graph: onnx.GraphProto, path: Path | str) -> None:
         raise ModelLoadError(f"{path} is not a valid ONNX graph: it contains a cycle: {names}")
 
 
-def check_model(model: onnx.ModelProto, path: Path | str = "<model>") -> None:
-    """Structural check (dangling inputs, cycles, bad attributes) with a one-line error."""
+def check_model(model: onnx.ModelProto, path: Path | str = "<model>", *, file: Path | None = None) -> None:
+    """Structural check (dangling inputs, cycles, bad attributes) with a one-line error.
+
+    With ``file`` (a model whose weights live in external data) the checker reads the file itself, resolving the
+    data files next to it, so the weights are never loaded for the check.
+    """
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if file is not None:
+            onnx.checker.check_model(str(file))
+        elif model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
         else:  # the checker cannot serialise >2 GB; check the graph structure without weights
             onnx.checker.check_model(_strip_weights(model))
@@ -238,6 +245,12 @@ def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> 
         raise OutputError(f"output directory is not writable: {parent}")
     if out.is_dir():
         raise OutputError(f"output {out} is a directory; give a file name such as {out / 'model.int8.onnx'}")
+    try:  # access() says yes to root on a read-only mount or /proc; creating a file is the real test
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"output directory is not writable: {parent} ({exc.strerror or exc})") from None
     return out
 
 
@@ -245,15 +258,23 @@ def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> 
 def atomic_path(final: Path, *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in ``final``'s directory; rename it to ``final`` only if the block succeeds."""
     final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}", dir=final.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}", dir=final.parent or ".")
+    except OSError as exc:
+        raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError):  # disk full, read-only filesystem, quota...
+            raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from None
         raise
 
 
@@ -265,11 +286,17 @@ def staged_output(final: Path) -> Iterator[Path]:
     import shutil
 
     final = Path(final)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent or "."))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent or "."))
+    except OSError as exc:
+        raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from None
     try:
         yield tmpdir / final.name
-        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == final.name):  # the model last
-            os.replace(f, final.parent / f.name)
+        try:
+            for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == final.name):  # the model last
+                os.replace(f, final.parent / f.name)
+        except OSError as exc:
+            raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
