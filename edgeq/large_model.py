@@ -1,0 +1,198 @@
+"""Models over protobuf's 2 GB limit: lazy weights in, streamed weights out.
+
+Loading keeps every initializer that lives in an external data file as a reference (:class:`ExternalValues`):
+its bytes are read from disk only when a pass asks for the values, and dropped again when the pass replaces the
+constant (a quantized weight is a quarter of the float one). Saving (:func:`save_streaming`) writes each large
+constant straight into ``<output>.data`` and puts only a reference in the model, so neither the input nor the
+output is ever serialised as one protobuf, and an unchanged weight is copied file-to-file in chunks. ONNX Runtime
+sessions are opened on files (:func:`session_path`), never on serialised bytes, so no second in-memory copy of
+the weights is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from edgeq.errors import OutputError
+
+ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights
+CHUNK = 64 << 20
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def uses_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+class ExternalValues(LazyValues):
+    """Values of an initializer stored in an external file, read on first use."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: Path):
+        super().__init__(tensor)
+        info = _external_info(tensor)
+        self.path = Path(base_dir) / info["location"]
+        self.offset = int(info.get("offset", 0))
+        self.length = int(info["length"]) if "length" in info else None
+
+    def load(self) -> np.ndarray:
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        shape = tuple(self.tensor.dims)
+        if self.tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            clone = onnx.TensorProto()
+            clone.CopyFrom(self.tensor)
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                clone.raw_data = fh.read(self.length)
+            clone.data_location = onnx.TensorProto.DEFAULT
+            del clone.external_data[:]
+            return numpy_helper.to_array(clone)
+        count = int(np.prod(shape)) if shape else 1
+        return np.fromfile(self.path, dtype=np_dtype, count=count, offset=self.offset).reshape(shape)
+
+    def copy_to(self, fh) -> int:
+        """Stream the raw bytes into ``fh``; returns the number of bytes written."""
+        length = self.length if self.length is not None else self.nbytes
+        written = 0
+        with open(self.path, "rb") as src:
+            src.seek(self.offset)
+            while written < length:
+                chunk = src.read(min(CHUNK, length - written))
+                if not chunk:
+                    raise OutputError(f"external data file {self.path} is shorter than the model says")
+                fh.write(chunk)
+                written += len(chunk)
+        return written
+
+
+def attach_external(graph: gs.Graph, base_dir: Path) -> int:
+    """Turn the graph's external-data constants into :class:`ExternalValues`; returns how many."""
+    n = 0
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and \
+                not isinstance(t._values, ExternalValues) and uses_external(t._values.tensor):
+            t._values = ExternalValues(t._values.tensor, base_dir)
+            n += 1
+    return n
+
+
+def constants_nbytes(graph: gs.Graph) -> int:
+    total = 0
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            v = t._values
+            total += int(v.nbytes) if hasattr(v, "nbytes") else 0
+    return total
+
+
+def _tensor_proto(c: gs.Constant) -> onnx.TensorProto:
+    narrow = getattr(c, "edgeq_narrow_dtype", None)
+    values = np.asarray(c.values)
+    if narrow:
+        from edgeq.quant_math import narrow_numpy_dtype
+
+        values = values.astype(narrow_numpy_dtype(narrow))
+    return numpy_helper.from_array(values, c.name)
+
+
+def _reference(c: gs.Constant, data_type: int, dims, location: str, offset: int, length: int) -> onnx.TensorProto:
+    tp = onnx.TensorProto()
+    tp.name = c.name
+    tp.data_type = data_type
+    tp.dims.extend(dims)
+    tp.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tp.external_data.add()
+        entry.key, entry.value = key, value
+    return tp
+
+
+def write_graph(graph: gs.Graph, template: onnx.ModelProto | None, directory: Path, name: str, *,
+                threshold: int = 1024) -> Path:
+    """Write ``graph`` as ``directory/name`` + ``directory/name.data`` (constants over ``threshold`` bytes)."""
+    from edgeq.ir import to_model
+
+    data_name = f"{name}.data"
+    with open(directory / data_name, "wb") as fh:
+        for c in sorted((t for t in graph.tensors().values() if isinstance(t, gs.Constant)), key=lambda t: t.name):
+            v = c._values
+            if isinstance(v, ExternalValues):
+                pad = (-fh.tell()) % ALIGN
+                fh.write(b"\0" * pad)
+                offset = fh.tell()
+                length = v.copy_to(fh)
+                c._values = LazyValues(_reference(c, v.tensor.data_type, v.tensor.dims, data_name, offset, length))
+                continue
+            if isinstance(v, LazyValues):  # embedded in the source protobuf: small unless huge models embed them
+                tp = onnx.TensorProto()
+                tp.CopyFrom(v.tensor)
+                tp.name = c.name
+            else:
+                tp = _tensor_proto(c)
+                if hasattr(c, "edgeq_narrow_dtype"):
+                    del c.edgeq_narrow_dtype
+            raw = tp.raw_data if tp.HasField("raw_data") else None
+            if raw is None or len(raw) <= threshold:
+                c._values = LazyValues(tp)
+                continue
+            pad = (-fh.tell()) % ALIGN
+            fh.write(b"\0" * pad)
+            offset = fh.tell()
+            fh.write(raw)
+            c._values = LazyValues(_reference(c, tp.data_type, tp.dims, data_name, offset, len(raw)))
+        fh.flush()
+        os.fsync(fh.fileno())
+    model = to_model(graph, template)
+    with open(directory / name, "wb") as fh:
+        fh.write(model.SerializeToString())
+    attach_external(graph, directory)  # the graph now reads its constants from the written file
+    return directory / name
+
+
+def save_streaming(graph: gs.Graph, template: onnx.ModelProto | None, output: Path) -> Path:
+    """Atomically write ``output`` and ``output.data`` from ``graph`` without building a >2 GB protobuf."""
+    output = Path(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        write_graph(graph, template, staging, output.name)
+        os.replace(staging / f"{output.name}.data", output.parent / f"{output.name}.data")
+        os.replace(staging / output.name, output)
+        attach_external(graph, output.parent)
+        _rebase(graph, output.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def _rebase(graph: gs.Graph, base_dir: Path) -> None:
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues):
+            t._values.path = Path(base_dir) / _external_info(t._values.tensor)["location"]
+
+
+@contextlib.contextmanager
+def session_path(graph: gs.Graph, template: onnx.ModelProto | None, *, extra_outputs: list[str] = ()) -> Iterator[Path]:
+    """A temporary on-disk copy of ``graph`` (optionally with extra outputs) for an ONNX Runtime session."""
+    with tempfile.TemporaryDirectory(prefix="edgeq-large-") as tmp:
+        work = graph.copy()  # shares the value objects, so external weights are read from their files
+        if extra_outputs:
+            tensors = work.tensors()
+            for name in extra_outputs:
+                if name in tensors and tensors[name] not in work.outputs and not isinstance(tensors[name], gs.Constant):
+                    work.outputs.append(tensors[name])
+        yield write_graph(work, template, Path(tmp), "model.onnx")
