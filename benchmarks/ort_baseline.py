@@ -25,10 +25,8 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,37 +176,21 @@ def quantize(model: Path, out: Path, mode: str = "static", calib: Path | None = 
 
 def quantize_in_subprocess(model: Path, out: Path, mode: str = "static", calib: Path | None = None,
                            report: Path | None = None, timeout: float | None = None) -> dict:
-    """Run the CLI as a child process and return its report plus ``ok``, ``wall_seconds`` and ``peak_rss_mb``.
+    """Run the CLI as a child process and return its report plus ``ok``, ``wall_seconds`` and ``peak_rss_mb``
+    (the child's own peak, see :func:`benchmarks.measure.run_measured`)."""
+    from benchmarks.measure import python_module, run_measured
 
-    The peak RSS is that child's own (``os.wait4``); ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` would be the
-    maximum over every child this process has waited for, so it only fits the first measurement.
-    """
     report = Path(report) if report else Path(str(out) + ".json")
     report.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.ort_baseline", "--model", str(model), "--out", str(out),
-           "--mode", mode, "--report", str(report)]
+    cmd = python_module("benchmarks.ort_baseline", "--model", model, "--out", out, "--mode", mode, "--report", report)
     if calib is not None:
         cmd += ["--calib", str(calib)]
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryFile() as output:
-        start = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=repo)
-        timer = threading.Timer(timeout, child.kill) if timeout else None
-        if timer:
-            timer.start()
-        _, status, usage = os.wait4(child.pid, 0)
-        if timer:
-            timer.cancel()
-        child.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        output.seek(0)
-        text = output.read().decode(errors="replace")
-    result = json.loads(report.read_text()) if child.returncode == 0 and report.is_file() else {}
-    result.update(ok=child.returncode == 0, returncode=child.returncode, wall_seconds=round(wall, 2),
-                  peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
-    if child.returncode != 0:
-        result["error"] = text[-3000:]
+    measured = run_measured(cmd, timeout=timeout)
+    result = json.loads(report.read_text()) if measured.ok and report.is_file() else {}
+    result.update(ok=measured.ok, returncode=measured.returncode, wall_seconds=measured.wall_seconds,
+                  peak_rss_mb=measured.peak_rss_mb)
+    if not measured.ok:
+        result["error"] = measured.output[-3000:]
     return result
 
 
