@@ -75,6 +75,9 @@ class PlacementSpec:
     float_ops: tuple[str, ...] = ()
     fixed_output_scales: dict[str, FixedScale] = field(default_factory=dict)
     quantize_graph_outputs: bool = False
+    # mode "inputs": also quantize the outputs of these ops (every consumer then reads the dequantized value),
+    # so a runtime can fuse DQ -> op -> Q into one integer kernel (ONNX Runtime's QLinearConv).
+    quantize_outputs_of: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
