@@ -387,7 +387,7 @@ class _Rewriter:
             return
         b = b.astype(np.float64).reshape(-1)
         per_channel = s_w.size > 1
-        scale = (s_x * s_w).reshape(-1) if per_channel else np.asarray(float(s_x) * float(s_w))
+        scale = (s_x * s_w).reshape(-1) if per_channel else np.asarray(s_x.item() * s_w.item())  # (1,): Cout=1
         q = np.clip(np.round(b / (scale if per_channel else float(scale))), -(2**31), 2**31 - 1).astype(np.int32)
         base = node.inputs[idx].name
         out = gs.Variable(f"{base}/dequantized", dtype=np.float32, shape=[b.size])
