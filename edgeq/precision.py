@@ -4,8 +4,11 @@
 16-bit activations on whole-graph targets such as QNN). :func:`plan_from_overrides` resolves a profile's
 ``overrides`` (by op type, node or tensor) into a plan for a given graph.
 
-:func:`auto_fallback` finds the fewest compute layers to keep in float so that the quantized model meets a
-fidelity budget (minimum cosine / SQNR of every output, the profile's top-1 agreement, or a user task metric):
+:func:`auto_fallback` finds the fewest layers to keep in float so that the quantized model meets a fidelity budget
+(minimum cosine / SQNR of every output, the profile's top-1 agreement, or a user task metric). On whole-graph
+integer targets (QNN) the chosen layers get 16-bit activations instead, so they stay on the NPU, and the candidates
+include the non-compute nodes whose outputs are quantized (residual Adds, LayerNorms). At most
+``max_float_fraction`` of the candidates, and of the compute layers kept in float, are given up:
 
 1. quantize everything once (one calibration, reused: only ``insert_qdq`` reruns, which is cheap) and score it;
 2. rank candidate layers by a one-run prior (the noise each layer adds, as ``edgeq debug`` measures it), then
@@ -89,11 +92,16 @@ class FallbackOptions:
     min_top1_agreement: float | None = None
     metric: str | Callable | None = None  # "module:function"(reference_outputs, candidate_outputs) -> float
     min_metric: float | None = None
+    # what chosen layers get: "float", or "wide" (16-bit activations, stays on the NPU); "auto": wide on
+    # whole-graph integer targets (QNN), float elsewhere
+    precision: str = "auto"
 
     def __post_init__(self):
         if self.time_limit_s <= 0 or not 0 <= self.max_float_fraction <= 1 or self.max_samples < 1:
             raise EdgeqError("fallback options: need time_limit_s > 0, 0 <= max_float_fraction <= 1, "
                              "max_samples >= 1")
+        if self.precision not in ("auto", "float", "wide"):
+            raise EdgeqError(f"fallback options: precision must be auto, float or wide, got {self.precision!r}")
         if self.metric is not None and self.min_metric is None:
             raise EdgeqError("fallback options: a task metric needs min_metric (the value it must reach)")
 
@@ -216,11 +224,14 @@ class FallbackResult:
     seconds: float = 0.0
     evaluations: int = 0
     base_float_nodes: frozenset = frozenset()  # kept in float before the fallback (profile/user)
+    precision: str = "float"  # what the fallback gives the chosen layers: "float" or "wide" (16-bit activations)
 
     def as_dict(self) -> dict:
         return {"met": self.met, "stopped": self.stopped, "budget": self.budget.as_dict(),
                 "data": "calibration data (the --eval data is never used to choose layers)",
-                "float_nodes": sorted(self.plan.float_nodes - self.base_float_nodes), "candidates": self.candidates,
+                "float_nodes": sorted(self.plan.float_nodes - self.base_float_nodes),
+                "wide_nodes": sorted(self.plan.wide_nodes), "precision": self.precision,
+                "candidates": self.candidates,
                 "baseline": self.baseline.as_dict(), "best": self.best.as_dict(), "curve": self.curve,
                 "ranking": self.ranking[:50], "seconds": round(self.seconds, 2), "evaluations": self.evaluations}
 
@@ -264,12 +275,21 @@ def auto_fallback(canonical: onnx.ModelProto, profile, stats, feeds: Sequence[di
                     else thr.min_top1_agreement, min_metric=options.min_metric)
     scorer = Scorer(canonical, feeds, resolve_metric(options.metric))
     base = base_plan or PrecisionPlan()
+    wide = _fallback_precision(options, profile) == "wide"
+    if wide:
+        from edgeq.model_io import ensure_opset
+
+        canonical = ensure_opset(canonical, 21, why="16-bit activations for the layers the fallback widens")
     build = lambda plan: quantize_with_plan(canonical, profile, stats, plan, template)  # noqa: E731
+    relax = (lambda plan, names: PrecisionPlan(plan.float_nodes, plan.wide_nodes | set(names))) if wide else \
+        (lambda plan, names: plan.with_float(names))
     model = build(base)
     baseline = scorer.score(model)
     curve = [{"float_layers": 0, "added": None, **baseline.as_dict(), "met": budget.met(baseline)}]
-    candidates = _candidates(canonical, model, base)
+    candidates = _candidates(canonical, model, base, profile)
+    n_compute = sum(1 for n in candidates if n.op_type in CANDIDATE_OPS)
     limit = int(math.floor(options.max_float_fraction * len(candidates)))
+    compute_limit = limit if wide else int(math.floor(options.max_float_fraction * n_compute))
     result = FallbackResult(plan=base, model=model, met=budget.met(baseline), stopped="", budget=budget,
                             baseline=baseline, best=baseline, candidates=len(candidates), curve=curve)
     result.base_float_nodes = base.float_nodes
@@ -279,9 +299,12 @@ def auto_fallback(canonical: onnx.ModelProto, profile, stats, feeds: Sequence[di
         result.stopped = f"no layer may be kept in float ({len(candidates)} candidates, max_float_fraction " \
                          f"{options.max_float_fraction})"
     else:
-        ranking = _rank(canonical, model, candidates, scorer, build, base, baseline, start, options.time_limit_s)
+        ranking = _rank(canonical, model, candidates, scorer, build, relax, base, baseline, start,
+                        options.time_limit_s)
         result.ranking = ranking
-        result.stopped = _greedy(result, ranking, scorer, build, base, budget, limit, deadline)
+        result.precision = "wide" if wide else "float"
+        result.stopped = _greedy(result, ranking, scorer, build, relax, base, budget, limit, compute_limit,
+                                 deadline)
     result.seconds = time.perf_counter() - start
     result.evaluations = scorer.evaluations
     log.info("auto fallback: %s; %d layer(s) in float, %.1fs, %d evaluations", result.stopped,
@@ -289,21 +312,36 @@ def auto_fallback(canonical: onnx.ModelProto, profile, stats, feeds: Sequence[di
     return result
 
 
-def _candidates(canonical: onnx.ModelProto, quantized: onnx.ModelProto, base: PrecisionPlan) -> list:
-    """Compute nodes that the quantized model actually quantizes (their data input or weight goes through a DQ)."""
+def _candidates(canonical: onnx.ModelProto, quantized: onnx.ModelProto, base: PrecisionPlan, profile) -> list:
+    """Nodes whose quantization the fallback may undo: compute nodes that read a DequantizeLinear output, and on
+    whole-graph targets also every other node whose own output is quantized (residual Adds, LayerNorms...)."""
+    from edgeq.op_tables import NEVER_QUANTIZED, SCALE_SHARING
+
     producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    quantized_outputs = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
     by_name = {n.name: n for n in quantized.graph.node}
+    whole_graph = profile.placement.mode == "all"
     out = []
     for n in canonical.graph.node:
         q = by_name.get(n.name)
-        if n.op_type not in CANDIDATE_OPS or n.name in base.float_nodes or q is None:
+        if n.name in base.float_nodes or q is None or n.op_type in NEVER_QUANTIZED:
             continue
-        if any(producers.get(t) == "DequantizeLinear" for t in q.input[:2]):
+        if n.op_type in CANDIDATE_OPS:
+            if any(producers.get(t) == "DequantizeLinear" for t in q.input[:2]):
+                out.append(n)
+        elif whole_graph and n.op_type not in SCALE_SHARING and any(o in quantized_outputs for o in q.output):
             out.append(n)
     return out
 
 
-def _rank(canonical, quantized, candidates, scorer: Scorer, build, base, baseline: Score, start: float,
+def _fallback_precision(options: "FallbackOptions", profile) -> str:
+    if options.precision != "auto":
+        return options.precision
+    integer = profile.activations.dtype in ("int8", "uint8")
+    return "wide" if profile.placement.mode == "all" and integer else "float"
+
+
+def _rank(canonical, quantized, candidates, scorer: Scorer, build, relax, base, baseline: Score, start: float,
           time_limit: float) -> list[dict]:
     """Prior from one run (noise each layer adds), then measured single-layer gains while half the time lasts."""
     from edgeq.debug import compare_tensors, _nsr
@@ -326,24 +364,31 @@ def _rank(canonical, quantized, candidates, scorer: Scorer, build, base, baselin
     for r in ranking:
         if time.perf_counter() > measure_until:
             break
-        r["gain"] = scorer.score(build(base.with_float([r["node"]]))).key() - baseline.key()
+        r["gain"] = scorer.score(build(relax(base, [r["node"]]))).key() - baseline.key()
     measured = [r for r in ranking if r["gain"] is not None]
     rest = [r for r in ranking if r["gain"] is None]
     measured.sort(key=lambda r: -r["gain"])
     return measured + rest
 
 
-def _greedy(result: FallbackResult, ranking, scorer, build, base, budget: Budget, limit: int,
-            deadline: float) -> str:
+def _greedy(result: FallbackResult, ranking, scorer, build, relax, base, budget: Budget, limit: int,
+            compute_limit: int, deadline: float) -> str:
     chosen: list[str] = []
+    compute = 0
     best_key = result.best.key()
-    for r in ranking[:limit]:
+    for r in ranking:
+        if len(chosen) >= limit:
+            break
         if time.perf_counter() > deadline:
             return "time limit reached"
         if r["gain"] is not None and r["gain"] <= 0:
             return "no remaining layer improves fidelity"
+        if r["op"] in CANDIDATE_OPS:
+            if compute >= compute_limit:
+                continue
+            compute += 1
         chosen.append(r["node"])
-        plan = base.with_float(chosen)
+        plan = relax(base, chosen)
         model = build(plan)
         score = scorer.score(model)
         met = budget.met(score)
@@ -353,7 +398,7 @@ def _greedy(result: FallbackResult, ranking, scorer, build, base, budget: Budget
             result.plan, result.model, result.best, result.met = plan, model, score, met
         if met:
             return f"budget met with {len(chosen)} layer(s) in float"
-    return f"float limit of {limit} layer(s) reached without meeting the budget"
+    return f"limit of {limit} layer(s) ({compute_limit} compute) reached without meeting the budget"
 
 
 def _finite(v: float) -> float | None:
@@ -371,6 +416,10 @@ def fallback_for_pipeline(canonical: onnx.ModelProto, profile, stats, calib_data
     if time_limit_s is not None:
         options = dataclasses.replace(options, time_limit_s=time_limit_s)
     named = name_all_nodes(canonical)
+    if _fallback_precision(options, profile) == "wide":
+        from edgeq.model_io import ensure_opset
+
+        named = ensure_opset(named, 21, why="16-bit activations for the layers the fallback widens")
     feeds = list(itertools.islice(iter(calib_data), options.max_samples))
     if not feeds:
         raise EdgeqError("automatic fallback needs calibration samples to score candidates")

@@ -92,7 +92,8 @@ def test_whole_graph_boundaries_float_and_wide_nodes():
     assert zp_type("m5") == TensorProto.UINT8 and zp_type("m7") == TensorProto.UINT8
     # numerics: the wide output's own Q/DQ error is ~256x (48 dB) smaller than with 8 bits
     from edgeq.debug import compare_tensors
-    q8 = quantize_with_plan(m, load_profile("qnn"), stats, PrecisionPlan(float_nodes=frozenset({"mm3"})))
+    # (relu6 kept float in the 8-bit baseline: otherwise m6 takes the Relu's range, as QNN fuses MatMul + Relu)
+    q8 = quantize_with_plan(m, load_profile("qnn"), stats, PrecisionPlan(float_nodes=frozenset({"mm3", "relu6"})))
     pair = {"m6/dequantized": "m6"}
     e16 = compare_tensors(q, q, _feeds(2, seed=5, outlier=False), pair)["m6/dequantized"]
     e8 = compare_tensors(q8, q8, _feeds(2, seed=5, outlier=False), pair)["m6/dequantized"]
@@ -199,3 +200,17 @@ def test_name_all_nodes_is_stable():
     a, b = name_all_nodes(m), name_all_nodes(m)
     assert [n.name for n in a.graph.node] == [n.name for n in b.graph.node]
     assert len({n.name for n in a.graph.node}) == len(a.graph.node)
+
+
+def test_whole_graph_target_widens_instead_of_floating():
+    """On QNN the fallback keeps the chosen layers on the NPU with 16-bit activations (opset raised to 21)."""
+    m = _chain()
+    stats = calibrate(m, _feeds(8))
+    res = auto_fallback(m, load_profile("qnn"), stats, _feeds(6, seed=2), options=FallbackOptions(time_limit_s=60))
+    assert res.precision == "wide" and res.plan.float_nodes == frozenset()
+    assert "mm0" in res.plan.wide_nodes and res.met
+    assert res.candidates > LAYERS  # Relu outputs are candidates too on a whole-graph target
+    assert next(o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    assert _qdq_inputs(res.model, "mm0")[0] == "DequantizeLinear"  # still quantized, now 16-bit
+    d = res.as_dict()
+    assert d["precision"] == "wide" and "mm0" in d["wide_nodes"]
