@@ -349,11 +349,17 @@ def inspect_model(model: str | Path) -> dict:
     return describe(model)
 
 
-def check(model: str | Path, *, target: str | Path | TargetProfile):
+def check(model: str | Path, *, target: str | Path | TargetProfile, input_shapes: dict | None = None):
+    """Legality for ``target``; ``input_shapes`` fixes dynamic inputs first, as ``compile_model`` does."""
     from edgeq.lint import check_model as lint_model
 
     profile = resolve_profile(target)
-    return lint_model(load_model(model, check=False), profile, path=str(model))
+    qmodel = load_model(model, check=False)
+    if input_shapes:
+        from edgeq.compile import fix_input_shapes
+
+        qmodel = fix_input_shapes(qmodel, input_shapes)
+    return lint_model(qmodel, profile, path=str(model))
 
 
 def compile_model(model: str | Path, *, target: str | Path | TargetProfile, output: str | Path, **options):

@@ -166,16 +166,31 @@ def inspect(model, as_json, tensors):
     click.echo(json.dumps(d, indent=2) if as_json else format_description(d, all_tensors=tensors))
 
 
+def _parse_input_shapes(specs) -> dict[str, list[int]] | None:
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            _fail_usage(f"--input-shape {spec!r}: expected name=1,3,224,224")
+        if not name or not dims:
+            _fail_usage(f"--input-shape {spec!r}: expected name=1,3,224,224")
+    return shapes or None
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-t", "--target", required=True)
 @click.option("--json", "as_json", is_flag=True)
-def check(model, target, as_json):
+@click.option("--input-shape", "input_shapes", multiple=True,
+              help="name=1,3,224,224: check the model as 'edgeq compile --input-shape' would compile it.")
+def check(model, target, as_json, input_shapes):
     """Check that MODEL is legal for TARGET; exit 0 when legal, 1 otherwise."""
     from edgeq import api
     from edgeq.lint import format_result
 
-    result = api.check(model, target=target)
+    result = api.check(model, target=target, input_shapes=_parse_input_shapes(input_shapes))
     click.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_result(result))
     sys.exit(0 if result.passed else 1)
 
@@ -192,17 +207,8 @@ def compile_cmd(model, target, output, soc, backend_name, input_shapes):
     """Compile a quantized model for its target (QNN context binary, Core ML package, TensorRT engine, .ort)."""
     from edgeq import api
 
-    shapes = {}
-    for spec in input_shapes:
-        name, _, dims = spec.partition("=")
-        try:
-            shapes[name] = [int(d) for d in dims.split(",")]
-        except ValueError:
-            _fail_usage(f"--input-shape {spec!r}: expected name=1,3,224,224")
-        if not name or not dims:
-            _fail_usage(f"--input-shape {spec!r}: expected name=1,3,224,224")
     result = api.compile_model(model, target=target, output=output, soc=soc, backend=backend_name,
-                               input_shapes=shapes or None)
+                               input_shapes=_parse_input_shapes(input_shapes))
     for line in result.get("summary", []):
         click.echo(line)
 

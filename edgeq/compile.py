@@ -47,9 +47,33 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> on
             if d.HasField("dim_param"):
                 d.ClearField("dim_param")
     try:
-        return onnx.shape_inference.infer_shapes(clone)
+        clone = onnx.shape_inference.infer_shapes(clone)
     except Exception:  # the fixed dims are still right; shapes of intermediates are optional
         return clone
+    return fold_shape_arithmetic(clone)
+
+
+def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold what the now-static shapes decide (``Shape``/``Size`` and the integer arithmetic on them) into
+    constants, as the target's compiler would; Q/DQ nodes are never folded, so quantized weights stay quantized."""
+    import onnx_graphsurgeon as gs
+
+    from edgeq.ir import fold_static_shapes
+
+    graph = gs.import_onnx(model)
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    fold_static_shapes(graph)
+    try:
+        graph.fold_constants(fold_shapes=True, error_ok=True, flatten_subgraphs=False, size_threshold=1 << 20,
+                             should_exclude_node=lambda n: n.op in ("QuantizeLinear", "DequantizeLinear"))
+    except Exception:  # folding is an optimisation: the unfolded model is still correct
+        return model
+    graph.cleanup(remove_unused_graph_inputs=False)
+    folded = gs.export_onnx(graph)
+    folded.ir_version, folded.producer_name = model.ir_version, model.producer_name
+    del folded.opset_import[:]
+    folded.opset_import.extend(model.opset_import)
+    return folded
 
 
 @contextlib.contextmanager

@@ -123,3 +123,38 @@ def unique_name(graph: gs.Graph, base: str) -> str:
 
 def opset(graph: gs.Graph) -> int:
     return int(graph.opset)
+
+
+def fold_static_shapes(graph: gs.Graph) -> int:
+    """Replace ``Shape``/``Size`` of tensors with fully static shapes by constants; returns how many.
+
+    Done here rather than by onnx-graphsurgeon's ``fold_shapes``, which ignores ``Shape``'s ``start``/``end``
+    attributes (opset 15+) and folds ``Shape(x, start=1, end=2)`` to the whole shape.
+    """
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op not in ("Shape", "Size") or not node.inputs or not node.outputs:
+            continue
+        shape = node.inputs[0].shape
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            continue
+        if node.op == "Size":
+            value = np.array(int(np.prod(shape, dtype=np.int64)), np.int64)
+        else:
+            rank = len(shape)
+            start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+            start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+            value = np.array(shape[start:end], np.int64)
+        out = node.outputs[0]
+        const = gs.Constant(unique_name(graph, f"{out.name}/folded"), value)
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = const
+        graph.outputs = [const if t is out else t for t in graph.outputs]
+        node.outputs.clear()
+        node.inputs.clear()
+        folded += 1
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return folded

@@ -160,6 +160,25 @@ def quantize_weight(w: np.ndarray, dtype: str, *, symmetric: bool = True, axis: 
     return QuantizedWeight(q.astype(holder), scale.astype(np.float32), zp_arr, axis, block_size, dtype)
 
 
+def requantize_for_bias(q: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scale: float, *, axis: int,
+                        limit: int = 2**30) -> tuple[np.ndarray, np.ndarray] | None:
+    """Symmetric weight ``(q, scale)`` with scales raised so that ``bias / (input_scale * scale)`` fits in
+    ``limit``; None when it already fits. A channel with near-zero weights (BatchNorm folded with gamma ~ 0) has a
+    tiny scale and a bias that would need far more than 31 bits; its weights round to ~0 under either scale."""
+    scale = np.asarray(scale, np.float64)
+    need = np.abs(np.asarray(bias, np.float64)) / (input_scale * limit)
+    new = np.maximum(scale.reshape(-1), need) if scale.size > 1 else np.asarray(max(scale.item(), need.max()))
+    if np.array_equal(new, scale.reshape(np.shape(new))):
+        return None
+    shape = [1] * q.ndim
+    if scale.size > 1:
+        shape[axis % q.ndim] = -1
+    qmax = np.iinfo(q.dtype).max
+    real = q.astype(np.float64) * scale.reshape(shape)
+    requantized = np.clip(np.round(real / new.reshape(shape)), -qmax, qmax).astype(q.dtype)
+    return requantized, new.astype(np.float32).reshape(np.shape(scale))
+
+
 def make_int_tensor(name: str, values: np.ndarray, dtype: str) -> onnx.TensorProto:
     """A TensorProto for ``values`` in ``dtype`` (packs 4-bit types)."""
     r = INT_TYPES[dtype]

@@ -119,6 +119,8 @@ def compare(reference: str | Path, candidate: str | Path, data: Iterable[dict], 
     failures = check_thresholds(outputs, thresholds)
     result = ValidationResult(passed=not failures, outputs=outputs, failures=failures,
                               thresholds=_thr_dict(thresholds), samples=count, backend=backend)
+    if getattr(cand_run, "emulated", False):  # an emulator's speed says nothing about the device: not timed
+        latency_runs = 0
     if latency_runs and first_feed is not None:
         result.latency_ms = {"reference": measure_latency(ref_run, first_feed, latency_runs),
                              "candidate": measure_latency(cand_run, first_feed, latency_runs)}

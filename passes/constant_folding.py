@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
+from edgeq.ir import fold_static_shapes
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 
 
@@ -29,6 +30,8 @@ class FoldConstantsPass(GraphPass):
         before = len(graph.nodes)
         gs_logger = logging.getLogger("onnx_graphsurgeon")
         gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+        if self.options.fold_shapes:
+            fold_static_shapes(graph)
         try:
             graph.fold_constants(fold_shapes=self.options.fold_shapes, size_threshold=self.options.size_threshold,
                                  error_ok=True, flatten_subgraphs=False)

@@ -6,7 +6,10 @@ Matches: the inputs (and, for whole-graph targets, the outputs) of the ops the p
   float consumers keep reading ``T``. Outputs of scale-sharing ops (Reshape, Transpose, MaxPool...) reuse their
   input's parameters; the profile's fixed-scale ops (Sigmoid, Tanh) get fixed output parameters.
 * weights: constants become integer initializers + ``DequantizeLinear`` (per-channel on the output-channel axis,
-  per-tensor, or blockwise for int4); biases become int32 with ``scale = s_input * s_weight`` when asked.
+  per-tensor, or blockwise for int4); biases become int32 with ``scale = s_input * s_weight`` when asked (a weight
+  channel whose bias would not fit in 31 bits gets a wider scale instead of a clipped bias).
+* whole-graph targets: an op whose only consumer is a Relu/Clip takes that activation's output range, since the
+  target fuses the two and quantizes once.
 Skips, with a reason per tensor: non-float and shape/index tensors, attention-mask arithmetic with huge constants,
 tensors whose calibrated magnitude exceeds ``activations.max_abs_range``, tensors without statistics, nodes kept in
 float by the profile or overrides. Preconditions: canonicalised float graph without Q/DQ nodes; opset high enough
@@ -26,8 +29,14 @@ from edgeq.ir import const_value, name_nodes, narrow_constant, tensor_dtype
 from edgeq.op_tables import (BIAS_INPUTS, MASK_PROPAGATING, NEVER_QUANTIZED, SCALE_SHARING, WEIGHT_INPUTS,
                              data_inputs, reduction_axis, weight_axis)
 from edgeq.pass_base import GraphPass, PassContext, PassResult
-from edgeq.quant_math import INT_TYPES, activation_params, is_float8, levels, quantize_weight
+from edgeq.quant_math import (INT_TYPES, activation_params, is_float8, levels, quantize_weight,
+                              requantize_for_bias)
 
+# Largest int32 bias magnitude written: one bit of headroom for the accumulation it is added to.
+BIAS_LIMIT = 2**30
+
+# Activations a whole-graph target fuses into the op before them (clamps: exact on a clamped input).
+FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Softmax", "LayerNormalization", "Einsum"})
 
 
@@ -261,11 +270,26 @@ class _Planner:
             src = self.params_of[prod.inputs[0].name]
             if src.dtype == dtype:
                 return ActQuant(src.scale, src.zero_point, dtype)
-        obs = self.stats.get(t.name)
+        obs = self.stats.get(self._range_source(t, dtype))
         symmetric = spec.symmetric
         lo, hi = obs.range(spec.observer, percentile=spec.percentile, symmetric=symmetric, levels=levels(dtype))
         scale, zp = activation_params(lo, hi, dtype, symmetric=symmetric, min_range=spec.min_real_range)
         return ActQuant(scale, zp, dtype)
+
+    def _range_source(self, t: gs.Tensor, dtype: str) -> str:
+        """Whole-graph targets fuse ``op -> Relu/Clip`` into one op whose output is quantized once, with the
+        activation's parameters. The op's own output therefore takes the activation's output range: the Q/DQ
+        pair between them then clamps exactly as the activation does, so the QDQ model computes what the target
+        computes instead of rounding to the op's wider range first."""
+        if self.place.mode != "all" or t in self.graph.outputs or len(t.outputs) != 1:
+            return t.name
+        act = t.outputs[0]
+        if act.op not in FUSABLE_ACTIVATIONS or act.name in self.float_nodes or act.inputs[0] is not t:
+            return t.name
+        out = act.outputs[0]
+        if out.name not in self.stats or self._act_dtype(act) != dtype:
+            return t.name
+        return out.name
 
 
 class _Rewriter:
@@ -387,6 +411,7 @@ class _Rewriter:
             return
         b = b.astype(np.float64).reshape(-1)
         per_channel = s_w.size > 1
+        s_w = self._widen_for_bias(node, w_node, b, float(s_x), s_w)
         scale = (s_x * s_w).reshape(-1) if per_channel else np.asarray(s_x.item() * s_w.item())  # (1,): Cout=1
         q = np.clip(np.round(b / (scale if per_channel else float(scale))), -(2**31), 2**31 - 1).astype(np.int32)
         base = node.inputs[idx].name
@@ -399,6 +424,26 @@ class _Rewriter:
             outputs=[out]))
         node.inputs[idx] = out
         self.result.rewrites += 1
+
+    def _widen_for_bias(self, node: gs.Node, w_node: gs.Node, b: np.ndarray, s_x: float,
+                        s_w: np.ndarray) -> np.ndarray:
+        """Weight scales raised (and the weight requantized) where the int32 bias would saturate."""
+        q_t, s_t = w_node.inputs[0], w_node.inputs[1]
+        zp = const_value(w_node.inputs[2]) if len(w_node.inputs) > 2 else None
+        if not isinstance(q_t, gs.Constant) or np.asarray(q_t.values).dtype.kind not in "iu":
+            return s_w
+        widened = requantize_for_bias(np.asarray(q_t.values), s_w, b, s_x, axis=int(w_node.attrs.get("axis", 1)),
+                                      limit=BIAS_LIMIT)
+        if widened is None:
+            return s_w
+        if len(w_node.outputs[0].outputs) != 1 or (zp is not None and np.any(zp != 0)):
+            self.result.skipped.append(_skip(node, "int32 bias saturates; the weight is shared or asymmetric, "
+                                                   "so the bias is clipped"))
+            return s_w
+        q_t.values, s_t.values = widened
+        notes = self.result.notes
+        notes["bias_widened_channels"] = notes.get("bias_widened_channels", 0) + int(np.sum(widened[1] != s_w))
+        return np.asarray(widened[1], np.float64)
 
 
 def erf_gelu_interiors(graph: gs.Graph) -> tuple[set[str], set[str]]:

@@ -113,3 +113,14 @@ def test_qnn_emulator_matches_ort_simulation_on_digits(tmp_path, digits):
         rep = json.loads((tmp_path / "v.json").read_text())
         out = rep["validation"]["outputs"][0]
         assert out["cosine_mean"] > 0.999 and out["top1_agreement"] >= 0.97, (args, out)
+
+
+def test_check_with_input_shape_checks_the_model_as_compile_fixes_it(tmp_path, digits):
+    q = tmp_path / "q.onnx"
+    assert edgeq("quantize", digits["model"], "-t", "qnn", "--calib", digits["calib"], "-o", q).returncode == 0
+    dynamic = edgeq("check", q, "-t", "qnn")
+    assert dynamic.returncode == 1 and "qnn-dynamic-shape" in dynamic.stdout
+    fixed = edgeq("check", q, "-t", "qnn", "--input-shape", "image=1,1,8,8")
+    assert fixed.returncode == 0, fixed.output
+    bad = edgeq("check", q, "-t", "qnn", "--input-shape", "image=1,x")
+    assert bad.returncode == 2 and "expected name=1,3,224,224" in bad.stderr

@@ -477,7 +477,15 @@ def make_runner(model_path: str | os.PathLike, *, options: QnnOptions | None = N
 
     run.output_names = names  # type: ignore[attr-defined]
     run.session = session  # type: ignore[attr-defined]
+    run.emulated = is_emulated()  # type: ignore[attr-defined]
     return run
+
+
+def is_emulated() -> bool:
+    """True where the HTP is the x86_64 emulator (no NPU device): its timings say nothing about a device."""
+    import onnxruntime as ort
+
+    return all(d.device.type != ort.OrtHardwareDeviceType.NPU for d in _qnn_devices(ort))
 
 
 def run_on_qnn(

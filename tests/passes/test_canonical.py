@@ -97,6 +97,22 @@ def test_fold_constants_folds_shape_subgraph():
     np.testing.assert_allclose(run_ort(out, {"x": x})[0], x * 5.0)
 
 
+def test_fold_constants_honours_shape_start_end():
+    # onnx-graphsurgeon's own shape folding ignores start/end and would fold this Shape to [2, 5, 3]
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape", start=1, end=-1),
+             helper.make_node("Slice", ["table", "zero", "s", "zero"], ["rows"], name="rows"),
+             helper.make_node("Add", ["x", "rows"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])],
+                          [init("table", np.arange(30, dtype=np.float32).reshape(10, 3)),
+                           init("zero", np.array([0], np.int64))])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out, _ = _apply(model, "fold_constants")
+    assert "Shape" not in [n.op_type for n in out.graph.node]
+    x = np.ones((2, 5, 3), np.float32)
+    np.testing.assert_array_equal(run_ort(out, {"x": x})[0], run_ort(model, {"x": x})[0])
+
+
 def test_infer_shapes_records_untyped_custom_op_outputs():
     nodes = [helper.make_node("MyOp", ["x"], ["c"], name="custom", domain="my.domain"),
              helper.make_node("Relu", ["c"], ["y"], name="relu")]

@@ -243,3 +243,65 @@ def test_fp8_qdq_is_legal_for_tensorrt():
     ref = make_session(canon).run(None, samples[0])[0]
     out = make_session(q).run(None, samples[0])[0]
     assert float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99
+
+
+def _conv_relu6(*, shared: bool, dead_channel: bool = False) -> onnx.ModelProto:
+    """Conv -> Clip(0, 6) [-> and, when shared, the Conv output also feeds an Add]."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(0, 0.2, 4).astype(np.float32)
+    if dead_channel:  # what BatchNorm folding leaves for a channel with gamma ~ 0: tiny weights, real bias
+        w[2] *= 1e-9
+        b[2] = 1.5
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6")]
+    out = "y"
+    if shared:
+        nodes.append(helper.make_node("Add", ["y", "c"], ["z"], name="join"))
+        out = "z"
+    inits = [numpy_helper.from_array(v, n) for n, v in
+             (("w", w), ("b", b), ("lo", np.array(0, np.float32)), ("hi", np.array(6, np.float32)))]
+    graph = helper.make_graph(nodes, "conv_relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _act_qparams(q, tensor):
+    quant = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in (tensor, f"{tensor}/float"))
+    return float(_const(q, quant.input[1])), int(_const(q, quant.input[2]))
+
+
+def test_qnn_conv_output_takes_its_fused_activation_range():
+    # QNN fuses Conv + ReLU6 and quantizes once, with the Clip's output parameters; the QDQ model must do the same
+    # or the ORT simulation rounds to the Conv's wider range first (EfficientNet-Lite: emulator-vs-ORT cos 0.96).
+    samples = [{"x": np.random.default_rng(i).normal(0, 3, (1, 3, 8, 8)).astype(np.float32)} for i in range(4)]
+    canon, q, _ = _quantize(_conv_relu6(shared=False), "qnn", samples)
+    assert _act_qparams(q, "c") == _act_qparams(q, "y")
+    assert _act_qparams(q, "y")[1] == 0, "ReLU6 output range starts at 0"
+    scale = _act_qparams(q, "y")[0]
+    for s in samples:  # the Q/DQ before the Clip clamps exactly as the Clip does: one rounding in all
+        ref, got = run_ort(canon, s)[0], run_ort(q, s)[0]
+        assert np.abs(ref - got).max() <= 1.5 * scale + 0.05 * np.abs(ref).max()
+
+
+def test_qnn_shared_producer_keeps_its_own_range():
+    samples = [{"x": np.random.default_rng(i).normal(0, 3, (1, 3, 8, 8)).astype(np.float32)} for i in range(4)]
+    _, q, _ = _quantize(_conv_relu6(shared=True), "qnn", samples)
+    s_c, z_c = _act_qparams(q, "c")
+    assert z_c > 0, "the Conv output also feeds an Add, so its negative values must survive"
+    assert (s_c, z_c) != _act_qparams(q, "y")
+
+
+def test_qnn_int32_bias_does_not_saturate_on_a_dead_channel():
+    samples = [{"x": np.random.default_rng(i).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for i in range(4)]
+    canon, q, result = _quantize(_conv_relu6(shared=False, dead_channel=True), "qnn", samples)
+    prod = _producers(q)
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    bias_q = _const(q, prod[conv.input[2]].input[0])
+    assert np.abs(bias_q.astype(np.int64)).max() <= 2**30
+    assert result.notes["bias_widened_channels"] == 1
+    # the channel's output is its bias (1.5), not the clipped 2**31 * s_x * s_w
+    got = run_ort(q, samples[0])[0][0, 2]
+    np.testing.assert_allclose(got, 1.5, atol=2 * _act_qparams(q, "y")[0])
