@@ -13,7 +13,9 @@ per-channel weight steps times the activation energy estimated from the channel 
 When X is also read by other ops (the residual Add of a post-LN transformer) and ``shared_inputs`` is set, only the
 MatMul/Gemm branch is smoothed, through an inserted ``Mul(X, 1/s)`` that the other readers bypass.
 Preconditions: per-channel statistics of X (the pipeline gathers them because ``needs_stats`` is set).
-Skips (with a reason): no statistics, a weight that is not constant, X shared with a non-linear consumer or a graph
+``min_outlier_ratio`` leaves alone activations without outlier channels (max/median of the channel abs-max below
+it), where smoothing has little to gain and costs weight precision.
+Skips (with a reason): no statistics, no outlier channels, a weight that is not constant, X shared with a non-linear consumer or a graph
 output (without ``shared_inputs``), a producer that cannot absorb ``1/s`` where inserting a Mul would not be quantized, a profile that does not
 quantize the activations. Numerically exact in float (~1e-6 relative); it changes only how error is split between
 activation and weight quantization. Targets: transformer models (MatMul/Gemm after LayerNorm) on any W8A8 profile.
@@ -47,6 +49,7 @@ class SmoothQuantPass(GraphPass):
         max_scale: float = 1e5
         insert_mul: bool = True
         shared_inputs: bool = True
+        min_outlier_ratio: float = 0.0  # smooth only when max/median of the channel abs-max reaches this
 
         def __post_init__(self):
             if not 0.0 <= self.alpha <= 1.0:
@@ -98,6 +101,9 @@ class SmoothQuantPass(GraphPass):
             return f"channel statistics of {x.name} ({act.size}) do not match the weights' input channels ({k})"
         w_max = np.max([input_channel_absmax(u, weight_of(u)) for u in users], axis=0)
         act = act.astype(np.float64)
+        ratio = float(act.max() / max(float(np.median(act)), 1e-30))
+        if ratio < self.options.min_outlier_ratio:
+            return f"no outlier channels (max/median channel range {ratio:.1f} < {self.options.min_outlier_ratio:g})"
         if self.options.search_alpha:
             alpha = self._search(act, [weight_of(u) for u in users], users, w_max)
             alphas[x.name] = alpha

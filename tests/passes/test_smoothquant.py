@@ -169,3 +169,11 @@ def test_shared_input_smooths_only_the_linear_branch():
     s1 = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
     for a, b in zip(s0.run(None, feeds[0]), s1.run(None, feeds[0])):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_min_outlier_ratio_skips_groups_without_outliers():
+    out, res = _smooth(_block(), min_outlier_ratio=8.0)
+    # the LayerNorm output has 40x outlier channels; the Relu output feeding fc2 has none
+    assert res.rewrites == 1 and res.notes["alpha"].keys() == {"ln"}
+    assert any("no outlier channels" in s.reason for s in res.skipped)
+    assert "Mul" not in [n.op_type for n in out.graph.node]
