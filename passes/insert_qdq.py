@@ -142,6 +142,7 @@ class _Planner:
         acts: dict[str, ActQuant] = {}
         weights: list[tuple[gs.Node, int, str]] = []  # (node, input index, kind)
         mode = self.place.mode
+        fused_outputs: set[str] = set()  # mode "inputs": outputs of quantize_outputs_of ops
         for name in sorted(getattr(self, "gelu_tensors", ())):
             self.skipped.add(name)
             self.p.skip(self.result, name, "inside an Erf-form GELU; left unquantized so the target fuses it into "
@@ -152,6 +153,11 @@ class _Planner:
                     if node.op not in NEVER_QUANTIZED:
                         self.p.skip(self.result, f"{node.op} {node.name}", "kept in float (profile/override)")
                 continue
+            if mode == "inputs" and node.op in self.place.quantize_outputs_of:
+                for t in node.outputs:
+                    if t.name and t not in self.graph.outputs and self._is_float(t) and t.name not in self.skipped:
+                        self._activation(acts, t, node)
+                        fused_outputs.add(t.name)
             if mode != "all" and node.op not in self.place.ops and not (self.place.residual_add and node.op == "Add"):
                 continue
             for idx in self._inputs_to_quantize(node):
@@ -170,11 +176,14 @@ class _Planner:
                         q = self._activation(acts, t, node)
                         if q is not None and (t in self.graph.outputs):
                             q.to_output = bool(self.place.quantize_graph_outputs)
-        if mode == "all":
+        if mode == "all" or fused_outputs:
             # Whole-graph targets: every consumer reads the dequantized value, float islands included, so each
-            # quantized op's output feeds only its QuantizeLinear (the node-unit form QNN compiles).
+            # quantized op's output feeds only its QuantizeLinear (the node-unit form QNN compiles and ONNX
+            # Runtime fuses into an integer kernel).
             tensors = self.graph.tensors()
             for name, q in acts.items():
+                if mode != "all" and name not in fused_outputs:
+                    continue
                 t = tensors[name]
                 for consumer in t.outputs:
                     if consumer.op in ("QuantizeLinear", "DequantizeLinear"):
@@ -281,7 +290,8 @@ class _Planner:
         activation's parameters. The op's own output therefore takes the activation's output range: the Q/DQ
         pair between them then clamps exactly as the activation does, so the QDQ model computes what the target
         computes instead of rounding to the op's wider range first."""
-        if self.place.mode != "all" or t in self.graph.outputs or len(t.outputs) != 1:
+        fused_output = bool(t.inputs) and t.inputs[0].op in self.place.quantize_outputs_of
+        if (self.place.mode != "all" and not fused_output) or t in self.graph.outputs or len(t.outputs) != 1:
             return t.name
         act = t.outputs[0]
         if act.op not in FUSABLE_ACTIVATIONS or act.name in self.float_nodes or act.inputs[0] is not t:

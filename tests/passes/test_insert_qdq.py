@@ -305,3 +305,26 @@ def test_qnn_int32_bias_does_not_saturate_on_a_dead_channel():
     # the channel's output is its bias (1.5), not the clipped 2**31 * s_x * s_w
     got = run_ort(q, samples[0])[0][0, 2]
     np.testing.assert_allclose(got, 1.5, atol=2 * _act_qparams(q, "y")[0])
+
+
+def test_ort_cpu_quantizes_conv_outputs_for_integer_kernels():
+    """ort-cpu: DQ -> Conv -> Q groups (ORT fuses them into QLinearConv); transformer MatMul outputs stay float."""
+    _, q, _ = _quantize(make_cnn(), "ort-cpu", _cnn_samples())
+    prod = _producers(q)
+    consumers = {}
+    for n in q.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    for conv in [n for n in q.graph.node if n.op_type == "Conv"]:
+        out = conv.output[0]
+        assert consumers[out] == ["QuantizeLinear"], "the Conv output feeds only its QuantizeLinear"
+        assert _const(q, prod[conv.input[2]].input[0]).dtype == np.int32
+    conv1 = next(n for n in q.graph.node if n.name == "conv1")
+    quant = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv1.output[0])
+    assert int(_const(q, quant.input[2])) == 0, "Conv -> Relu: the output takes the Relu's [0, max] range"
+    _, qt, _ = _quantize(make_transformer_block(), "ort-cpu",
+                         [{"x": np.random.default_rng(i).normal(size=(1, 16, 32)).astype(np.float32)}
+                          for i in range(2)])
+    quantized = {n.input[0] for n in qt.graph.node if n.op_type == "QuantizeLinear"}
+    assert "y" not in quantized and "res" not in quantized, "the residual stream stays float"
+    assert {"h", "ctx", "f1r"} <= quantized
