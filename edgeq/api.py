@@ -20,6 +20,7 @@ from edgeq.calibration.data import model_inputs, open_dataset
 from edgeq.calibration.stats import CalibrationStats
 from edgeq.errors import CalibrationDataError, EdgeqError, UnsupportedModelError
 from edgeq.ir import to_graph, to_model
+from edgeq.large_model import LARGE_MODEL_BYTES
 from edgeq.model_io import (check_output_path, default_opset, ensure_opset, load_model, model_size_bytes, save_model,
                             staged_output)
 from edgeq.pass_base import PassContext, PassManager, make_pass
@@ -128,7 +129,8 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
         check_output_path(report, model)
     if stats is not None and not Path(stats).exists():
         check_output_path(stats, model)
-    original = load_model(model)
+    large = _file_bytes(model) >= LARGE_MODEL_BYTES  # weights stay on disk, read when a pass needs them
+    original = load_model(model, load_external_data=not large)
     inputs = model_inputs(original)
     calib_data = open_dataset(calib, inputs, preprocess=preprocess, limit=max_calib_samples)
     eval_ds = open_dataset(eval_data, inputs, preprocess=preprocess, what="evaluation data") \
@@ -143,6 +145,10 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     timings: dict[str, float] = {}
     start = time.perf_counter()
     canonical, canon_manager = canonicalize(original, dump_dir=Path(dump_dir) / "canonical" if dump_dir else None)
+    if large and default_opset(canonical) < quantize_opset(profile, canonical):
+        raise UnsupportedModelError(f"the {profile.name} profile needs opset {quantize_opset(profile, canonical)}; "
+                                    f"models over {LARGE_MODEL_BYTES >> 30} GB are not converted in place: "
+                                    f"re-export at that opset")
     canonical = ensure_opset(canonical, quantize_opset(profile, canonical),
                              why=f"the {profile.name} profile ({profile.activations.dtype} activations, "
                                  f"{profile.weights.dtype} weights, per-channel)")
@@ -247,6 +253,14 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     if report is not None:
         write_report(rep, report)
     return QuantizeResult(output=out, report=rep, passed=passed)
+
+
+def _file_bytes(model: str | Path) -> int:
+    """Size of the model with its external data; 0 when unreadable (load_model then says why)."""
+    try:
+        return model_size_bytes(model)
+    except OSError:
+        return 0
 
 
 def _sha_or_none(fingerprint: str) -> str | None:

@@ -7,6 +7,8 @@ while keeping what graphsurgeon does not carry (metadata_props, producer, model 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -15,7 +17,13 @@ FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        from edgeq.large_model import attach_external
+
+        # lazy models carry absolute locations (edgeq.model_io.load_model without external data)
+        attach_external(graph, Path("/"))
+    return graph
 
 
 def narrow_constant(name: str, values: np.ndarray, dtype: str) -> gs.Constant:

@@ -85,6 +85,7 @@ def attach_external(graph: gs.Graph, base_dir: Path) -> int:
         if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and \
                 not isinstance(t._values, ExternalValues) and uses_external(t._values.tensor):
             t._values = ExternalValues(t._values.tensor, base_dir)
+            t.data_location = None  # once loaded (and perhaps changed) the values are written inline
             n += 1
     return n
 
@@ -196,3 +197,47 @@ def session_path(graph: gs.Graph, template: onnx.ModelProto | None, *, extra_out
                 if name in tensors and tensors[name] not in work.outputs and not isinstance(tensors[name], gs.Constant):
                     work.outputs.append(tensors[name])
         yield write_graph(work, template, Path(tmp), "model.onnx")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Lazy ModelProtos: external references rewritten to absolute paths while in memory (never saved that way).
+
+LARGE_MODEL_BYTES = 1 << 30  # from this size on, weights stay on disk instead of being loaded
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    return any(uses_external(t) for t in model.graph.initializer)
+
+
+def absolutize_external(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Point every external reference at its file's absolute path (in memory only)."""
+    for t in model.graph.initializer:
+        if uses_external(t):
+            for e in t.external_data:
+                if e.key == "location" and not os.path.isabs(e.value):
+                    e.value = str((Path(base_dir) / e.value).resolve())
+
+
+def split_external(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` without its external initializers, and those initializers as read-only memory maps.
+
+    ONNX Runtime takes them through ``SessionOptions.add_external_initializers`` (it refuses data files outside
+    the model's folder), so the weights are paged in from the original file instead of being copied.
+    """
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    maps = {}
+    for t in clone.graph.initializer:
+        if not uses_external(t) or t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            continue
+        info = _external_info(t)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        shape = tuple(t.dims)
+        if int(np.prod(shape)) == 0:
+            continue
+        maps[t.name] = np.memmap(info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                                 shape=shape)
+        del t.external_data[:]  # ORT only replaces initializers declared external; this file is never read
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "edgeq-mapped-weights.bin"
+    return clone, maps

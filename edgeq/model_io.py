@@ -66,9 +66,14 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True, chec
             f"{p} uses opset {opset}, newer than this onnx {onnx.__version__} knows (up to "
             f"{onnx.defs.onnx_opset_version()}); upgrade onnx and onnxruntime or re-export with an older opset"
         )
+    _check_text(model, p)
     check_structure(model.graph, p)
     _check_known_ops(model, p)
     _check_external_files(model, p)
+    if not load_external_data:  # lazy: weights stay on disk, referenced by absolute path while in memory
+        from edgeq.large_model import absolutize_external
+
+        absolutize_external(model, p.parent)
     if load_external_data:
         try:
             from onnx.external_data_helper import load_external_data_for_model
@@ -76,6 +81,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True, chec
             load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load external data for {p}: {_first_line(exc)}")
+    _check_tensors(model, p)
     if check:
         external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
         check_model(model, p, file=p if external else None)
@@ -90,6 +96,8 @@ def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
         if uses_external_data(tensor):
             info = {e.key: e.value for e in tensor.external_data}
             loc = info.get("location", "")
+            if "\0" in loc:
+                raise ModelLoadError(f"{path}: external data location {loc!r} is not a valid file name")
             target = (path.parent / loc).resolve()
             if not loc or not target.is_file():
                 missing.add(loc or "<no location>")
@@ -99,6 +107,64 @@ def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(
             f"{path}: external data file(s) not found next to the model: {', '.join(sorted(missing))}"
         )
+
+
+def _check_text(model: onnx.ModelProto, path: Path) -> None:
+    """Names and op types must be text: protobuf hands undecodable (corrupt) strings over as bytes."""
+    g = model.graph
+    values = [imp.domain for imp in model.opset_import] + [v.name for v in (*g.input, *g.output, *g.initializer)]
+    for node in g.node:
+        values += [node.name, node.op_type, node.domain, *node.input, *node.output]
+    bad = next((v for v in values if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ModelLoadError(f"{path} is not a valid ONNX model: the name {bad!r} is not valid UTF-8 text "
+                             f"(corrupt file?)")
+
+
+_PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.FLOAT4E2M1: 4}
+for _name, _bits in (("INT2", 2), ("UINT2", 2)):
+    if hasattr(onnx.TensorProto, _name):
+        _PACKED_BITS[getattr(onnx.TensorProto, _name)] = _bits
+
+
+def _check_tensors(model: onnx.ModelProto, path: Path) -> None:
+    """Every initializer (and Constant value) has a known dtype and as much data as its shape says."""
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.HasField("t")]
+    known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    g = model.graph
+    for vi in (*g.input, *g.output, *g.value_info):
+        elem = vi.type.tensor_type.elem_type
+        if elem and elem not in known:
+            raise ModelLoadError(f"{path}: tensor {vi.name!r} is declared with unknown element type {elem} "
+                                 f"(corrupt file, or a newer ONNX than onnx {onnx.__version__})")
+    for t in tensors:
+        if t.data_type not in known:
+            raise ModelLoadError(f"{path}: tensor {t.name!r} has unknown data type {t.data_type} (corrupt file, or "
+                                 f"a newer ONNX than onnx {onnx.__version__})")
+        if any(d < 0 for d in t.dims):
+            raise ModelLoadError(f"{path}: tensor {t.name!r} has a negative dimension {list(t.dims)}")
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+            continue
+        count = 1
+        for d in t.dims:
+            count *= d
+        if t.raw_data:
+            bits = _PACKED_BITS.get(t.data_type) or 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            have, need = len(t.raw_data), (count * bits + 7) // 8
+        elif t.data_type in _PACKED_BITS:
+            continue
+        else:
+            try:
+                field = onnx.helper.tensor_dtype_to_field(t.data_type)
+            except (KeyError, ValueError):
+                continue
+            have = len(getattr(t, field))
+            need = count * (2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1)
+        if have != need:
+            raise ModelLoadError(f"{path}: tensor {t.name!r} of shape {list(t.dims)} "
+                                 f"({onnx.TensorProto.DataType.Name(t.data_type).lower()}) needs {need} "
+                                 f"{'bytes' if t.raw_data else 'values'} of data but holds {have} (corrupt file?)")
 
 
 def check_structure(graph: onnx.GraphProto, path: Path | str = "<model>") -> None:
@@ -304,6 +370,13 @@ def staged_output(final: Path) -> Iterator[Path]:
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, inputs: tuple = ()) -> Path:
     """Write ``model`` to ``output`` atomically, with external data when it exceeds the protobuf limit."""
     out = check_output_path(output, *inputs)
+    from edgeq.large_model import has_external
+
+    if has_external(model):  # a lazy model: stream its weights file-to-file
+        from edgeq.ir import to_graph
+        from edgeq.large_model import save_streaming
+
+        return save_streaming(to_graph(model), model, out)
     size = _approx_size(model)
     try:
         if size < EXTERNAL_DATA_THRESHOLD:

@@ -44,7 +44,8 @@ class ValidationResult:
 
 
 def _ort_runner(path: Path, threads: int) -> Callable[[dict], list[np.ndarray]]:
-    session = make_session(load_model(path, check=False), threads=threads, optimize=True)
+    load_model(path, check=False, load_external_data=False)  # a clear error for a bad file, weights untouched
+    session = make_session(Path(path), threads=threads, optimize=True)
     names = [o.name for o in session.get_outputs()]
 
     def run(feed: dict) -> list[np.ndarray]:

@@ -27,7 +27,7 @@ def test_lazy_load_reads_weights_only_when_asked(tmp_path):
     model = load_model(path, load_external_data=False)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     graph = to_graph(model)
-    assert attach_external(graph, path.parent) == len(model.graph.initializer)
+    assert attach_external(graph, path.parent) == 0, "to_graph already made every external weight lazy"
     w = graph.tensors()["wq"]
     assert isinstance(w._values, ExternalValues)
     ref = onnx.numpy_helper.to_array(next(i for i in onnx.load(str(path)).graph.initializer if i.name == "wq"))
@@ -40,7 +40,6 @@ def test_streamed_quantized_model_matches_in_memory_path(tmp_path):
     samples = [{"x": rng.normal(size=(1, 16, 64)).astype(np.float32)} for _ in range(3)]
     model = load_model(path, load_external_data=False)
     graph = to_graph(model)
-    attach_external(graph, path.parent)
     with session_path(graph, model, extra_outputs=["h", "ctx"]) as tmp_model:
         session = make_session(tmp_model)
         names = [o.name for o in session.get_outputs()]
@@ -63,3 +62,24 @@ def test_streamed_quantized_model_matches_in_memory_path(tmp_path):
     b = make_session(reference).run(None, samples[0])[0]
     np.testing.assert_array_equal(a, b)
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_quantize_keeps_weights_on_disk_for_large_models(tmp_path, monkeypatch):
+    """The lazy path through edgeq.quantize (threshold lowered so a small model takes it)."""
+    import edgeq.api
+
+    path = _external_model(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(3, 16, 64)).astype(np.float32))
+    monkeypatch.setattr(edgeq.api, "LARGE_MODEL_BYTES", 0)
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    res = edgeq.api.quantize(path, target="ort-cpu", calib=tmp_path / "c.npz", eval_data=tmp_path / "c.npz",
+                             output=tmp_path / "q.onnx", latency_runs=0)
+    assert res.passed and res.report["quantization"]["compute_ops_quantized"] == 8
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before, "input untouched"
+    monkeypatch.setattr(edgeq.api, "LARGE_MODEL_BYTES", 1 << 40)
+    small = edgeq.api.quantize(path, target="ort-cpu", calib=tmp_path / "c.npz", output=tmp_path / "q2.onnx",
+                               latency_runs=0)
+    x = {"x": rng.normal(size=(1, 16, 64)).astype(np.float32)}
+    np.testing.assert_allclose(make_session(tmp_path / "q.onnx").run(None, x)[0],
+                               make_session(small.output).run(None, x)[0], rtol=1e-5, atol=1e-5)

@@ -45,18 +45,45 @@ def observable_tensors(model: onnx.ModelProto) -> list[str]:
 
 def make_session(model: onnx.ModelProto | str | Path, *, outputs: Iterable[str] = (), threads: int = 0,
                  optimize: bool = True, providers: list | None = None):
-    """An ORT CPU session over ``model`` with extra graph outputs; handles models over 2 GB via a temp file."""
-    import onnxruntime as ort
-
+    """An ORT CPU session over ``model`` with extra graph outputs; a path or a lazy model (external weights) is
+    opened as a file, so its weights are not copied into a serialised protobuf."""
+    extra_wanted = list(outputs)
     if isinstance(model, (str, Path)):
-        model = onnx.load(str(model), load_external_data=True)
-    extra = [o for o in outputs if o not in {x.name for x in model.graph.output}]
+        if not extra_wanted:  # a file: let ONNX Runtime read it (and its external data) directly
+            return _session(str(model), threads, optimize, providers)
+        from edgeq.large_model import absolutize_external
+
+        path = Path(model)
+        model = onnx.load(str(path), load_external_data=False)
+        absolutize_external(model, path.parent)
+    extra = [o for o in extra_wanted if o not in {x.name for x in model.graph.output}]
     if extra:
         clone = onnx.ModelProto()
         clone.CopyFrom(model)
         clone.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
         model = clone
+    from edgeq.large_model import has_external, split_external
+
+    if has_external(model):
+        model, weights = split_external(model)
+        return _session(model.SerializeToString(), threads, optimize, providers, weights=weights)
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        return _session(model.SerializeToString(), threads, optimize, providers)
+    with tempfile.TemporaryDirectory(prefix="edgeq-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        return _session(str(path), threads, optimize, providers)
+
+
+def _session(source, threads: int, optimize: bool, providers: list | None, weights: dict | None = None):
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
+    values = []
+    if weights:  # memory-mapped initializers handed to ORT without a copy; kept alive with the session
+        names = list(weights)
+        values = [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names]
+        so.add_external_initializers(names, values)
     so.log_severity_level = 3
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -65,12 +92,9 @@ def make_session(model: onnx.ModelProto | str | Path, *, outputs: Iterable[str] 
         so.intra_op_num_threads = threads
     providers = providers or ["CPUExecutionProvider"]
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-        with tempfile.TemporaryDirectory(prefix="edgeq-session-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(str(path), so, providers=providers)
+        session = ort.InferenceSession(source, so, providers=providers)
+        session._edgeq_weights = (weights, values)
+        return session
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {msg}") from None
