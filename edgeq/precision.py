@@ -86,7 +86,8 @@ def plan_from_overrides(profile, model: onnx.ModelProto) -> PrecisionPlan:
 class FallbackOptions:
     time_limit_s: float = 300.0
     max_float_fraction: float = 0.10  # of the candidate compute layers
-    max_samples: int = 16  # calibration samples used to score candidates
+    max_samples: int = 16  # calibration samples used to score the trade-off curve
+    rank_samples: int = 4  # of those, how many score each single-layer trial (cheaper, so more get measured)
     min_cosine: float | None = None  # None: the profile's threshold
     min_sqnr_db: float | None = None
     min_top1_agreement: float | None = None
@@ -97,9 +98,10 @@ class FallbackOptions:
     precision: str = "auto"
 
     def __post_init__(self):
-        if self.time_limit_s <= 0 or not 0 <= self.max_float_fraction <= 1 or self.max_samples < 1:
+        if self.time_limit_s <= 0 or not 0 <= self.max_float_fraction <= 1 or min(self.max_samples,
+                                                                                    self.rank_samples) < 1:
             raise EdgeqError("fallback options: need time_limit_s > 0, 0 <= max_float_fraction <= 1, "
-                             "max_samples >= 1")
+                             "max_samples >= 1 and rank_samples >= 1")
         if self.precision not in ("auto", "float", "wide"):
             raise EdgeqError(f"fallback options: precision must be auto, float or wide, got {self.precision!r}")
         if self.metric is not None and self.min_metric is None:
@@ -299,8 +301,12 @@ def auto_fallback(canonical: onnx.ModelProto, profile, stats, feeds: Sequence[di
         result.stopped = f"no layer may be kept in float ({len(candidates)} candidates, max_float_fraction " \
                          f"{options.max_float_fraction})"
     else:
-        ranking = _rank(canonical, model, candidates, scorer, build, relax, base, baseline, start,
+        quick = scorer if len(scorer.feeds) <= options.rank_samples else \
+            Scorer(canonical, scorer.feeds[: options.rank_samples], scorer.metric)
+        quick_baseline = baseline if quick is scorer else quick.score(model)
+        ranking = _rank(canonical, model, candidates, quick, build, relax, base, quick_baseline, start,
                         options.time_limit_s)
+        scorer.evaluations += quick.evaluations if quick is not scorer else 0
         result.ranking = ranking
         result.precision = "wide" if wide else "float"
         result.stopped = _greedy(result, ranking, scorer, build, relax, base, budget, limit, compute_limit,
@@ -353,7 +359,7 @@ def _rank(canonical, quantized, candidates, scorer: Scorer, build, relax, base, 
             pairs[n.input[0]] = n.input[0]
     known = {o for node in quantized.graph.node for o in node.output} | {i.name for i in quantized.graph.input}
     pairs = {k: v for k, v in pairs.items() if k in known}
-    acc = compare_tensors(canonical, quantized, scorer.feeds[: max(2, len(scorer.feeds) // 2)], pairs)
+    acc = compare_tensors(canonical, quantized, scorer.feeds[:2], pairs)
     ranking = []
     for n in candidates:
         out_nsr = _nsr(acc[n.output[0]].sqnr_db) if n.output[0] in acc else 0.0
