@@ -250,7 +250,7 @@ def _build(cls, data: Any, source: str, where: str):
         raise ProfileError(f"{source}: {label} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=repr)  # YAML keys need not be strings (null:, 1:)
     if unknown:
         raise ProfileError(
             f"{source}: unknown key {unknown[0]!r} in {label}; valid keys: {', '.join(sorted(fields))}"

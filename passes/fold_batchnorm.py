@@ -3,8 +3,9 @@
 Matches: ``Conv|ConvTranspose|Gemm -> BatchNormalization`` (inference mode) where the first node's output feeds only
 the BatchNormalization, its weight (and bias, if any) and the BN parameters are constants. Rewrites: scales the
 weight per output channel by ``gamma / sqrt(var + eps)`` and sets the bias to ``(b - mean) * that + beta``; the BN is
-removed and the producer writes the BN's output tensor. Skips (with reason): non-constant parameters, a shared
-producer output, training-mode BN, grouped ConvTranspose. Numerically exact up to float rounding (~1e-6).
+removed and the producer writes the BN's output tensor. Skips (with reason): non-constant parameters, parameters
+whose shapes do not match the channels or whose variance is not positive, a shared producer output, training-mode
+BN, grouped ConvTranspose. Numerically exact up to float rounding (~1e-6).
 All targets (runs during canonicalisation).
 """
 
@@ -48,11 +49,21 @@ class FoldBatchNormPass(GraphPass):
                 self.skip(result, label, "BN parameters or the producer's weight/bias are not constant")
                 continue
             gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-            factor = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
             axis = self._out_axis(prod, w)
             if axis is None:
                 self.skip(result, label, f"cannot fold into {prod.op} {prod.name} (grouped transpose or Gemm "
                                          f"with transA/alpha)")
+                continue
+            channels = w.shape[axis] if w.ndim > axis else -1
+            if any(p.shape != (channels,) for p in (gamma, beta, mean, var)) or \
+                    (b is not None and b.shape != (channels,)):
+                self.skip(result, label, f"parameter shapes do not match the {channels} output channels of "
+                                         f"{prod.op} {prod.name}")
+                continue
+            with np.errstate(invalid="ignore", divide="ignore"):
+                factor = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+            if not np.isfinite(factor).all():
+                self.skip(result, label, "variance + epsilon is not positive (or a parameter is not finite)")
                 continue
             shape = [1] * w.ndim
             shape[axis] = -1
