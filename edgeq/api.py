@@ -18,7 +18,7 @@ import onnx
 from edgeq.calibration.calibrate import calibrate as run_calibration, graph_fingerprint, progress_printer
 from edgeq.calibration.data import model_inputs, open_dataset
 from edgeq.calibration.stats import CalibrationStats
-from edgeq.errors import CalibrationDataError, EdgeqError, UnsupportedModelError
+from edgeq.errors import CalibrationDataError, EdgeqError, ProfileError, UnsupportedModelError
 from edgeq.ir import to_graph, to_model
 from edgeq.large_model import LARGE_MODEL_BYTES
 from edgeq.model_io import (check_output_path, default_opset, ensure_opset, load_model, model_size_bytes, save_model,
@@ -47,12 +47,16 @@ class QuantizeResult:
 def resolve_profile(target: str | Path | TargetProfile, *, min_cosine: float | None = None,
                     min_sqnr: float | None = None) -> TargetProfile:
     profile = target if isinstance(target, TargetProfile) else load_profile(target)
-    thr = profile.thresholds
-    if min_cosine is not None:
-        thr = dataclasses.replace(thr, min_cosine=min_cosine)
-    if min_sqnr is not None:
-        thr = dataclasses.replace(thr, min_sqnr_db=min_sqnr)
-    return dataclasses.replace(profile, thresholds=thr)
+    return dataclasses.replace(profile, thresholds=override_thresholds(profile.thresholds, min_cosine, min_sqnr))
+
+
+def override_thresholds(thr: Thresholds, min_cosine: float | None, min_sqnr: float | None) -> Thresholds:
+    """``thr`` with the given overrides, checked like profile values (a ProfileError, e.g. for nan)."""
+    changes = {k: v for k, v in (("min_cosine", min_cosine), ("min_sqnr_db", min_sqnr)) if v is not None}
+    try:
+        return dataclasses.replace(thr, **changes)
+    except ValueError as exc:
+        raise ProfileError(f"threshold override: {exc}") from None
 
 
 def canonicalize(model: onnx.ModelProto, *, dump_dir: Path | None = None) -> tuple[onnx.ModelProto, PassManager]:
@@ -331,10 +335,7 @@ def validate(reference: str | Path, candidate: str | Path, *, data: Any, target:
     from edgeq.validation import compare
 
     profile = resolve_profile(target or "tensorrt", min_cosine=min_cosine, min_sqnr=min_sqnr) if target else None
-    thresholds = profile.thresholds if profile else Thresholds()
-    if min_cosine is not None or min_sqnr is not None:
-        thresholds = dataclasses.replace(thresholds, **{k: v for k, v in (("min_cosine", min_cosine),
-                                                                          ("min_sqnr_db", min_sqnr)) if v is not None})
+    thresholds = override_thresholds(profile.thresholds if profile else Thresholds(), min_cosine, min_sqnr)
     if report is not None:
         check_output_path(report, reference, candidate)
     ref = load_model(reference)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import onnx_graphsurgeon as gs
 
-from edgeq.errors import EdgeqError, PassError, ProfileError
+from edgeq.errors import EdgeqError, OutputError, PassError, ProfileError
 
 log = logging.getLogger(__name__)
 
@@ -183,5 +183,8 @@ class PassManager:
     def _dump(self, graph: gs.Graph, index: int, name: str) -> None:
         import onnx
 
-        self.dump_dir.mkdir(parents=True, exist_ok=True)
-        onnx.save(gs.export_onnx(graph.copy(), do_type_check=False), str(self.dump_dir / f"{index:02d}_{name}.onnx"))
+        try:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            onnx.save(gs.export_onnx(graph.copy(), do_type_check=False), str(self.dump_dir / f"{index:02d}_{name}.onnx"))
+        except OSError as exc:
+            raise OutputError(f"cannot write the graph dump to {self.dump_dir}: {exc.strerror or exc}") from None

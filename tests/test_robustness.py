@@ -382,6 +382,10 @@ def _cases() -> list[Case]:
                                              "{d}/eval.npz", "--report", "{o}/nodir/r.json"),
              r"directory does not exist.*nodir"),
         Case("quantize-unknown-target", q(target="tensorrtt"), r"unknown target 'tensorrtt'.*tensorrt"),
+        Case("quantize-min-cosine-nan", q(extra=("--min-cosine", "nan")), r"min_cosine must be in \[-1, 1\], got nan"),
+        Case("validate-min-sqnr-nan", ("validate", "{d}/model.onnx", "{d}/model.onnx", "--data", "{d}/eval.npz",
+                                       "--min-sqnr", "nan"), r"min_sqnr_db must be a number"),
+        Case("quantize-dump-dir-is-a-file", q(extra=("--dump-dir", "{d}/calib.txt")), r"graph dump.*calib\.txt"),
         Case("quantize-eval-wrong-name", q(extra=("--eval", "{d}/wrong_name.npz")), r"evaluation data.*pixels"),
         Case("quantize-preprocess-missing", q(calib="{d}/png_dir", extra=("--preprocess", "{d}/nope.yaml")),
              r"nope\.yaml"),
@@ -462,9 +466,10 @@ def call_api(argv: list[str]):
         else:
             pos.append(a)
     if cmd == "quantize":
+        number = lambda key: float(opt[key]) if key in opt else None  # noqa: E731
         return api.quantize(pos[0], target=opt["t"], calib=opt["calib"], output=opt["o"], eval_data=opt.get("eval"),
                             report=opt.get("report"), stats=opt.get("stats"), preprocess=opt.get("preprocess"),
-                            latency_runs=0)
+                            min_cosine=number("min-cosine"), dump_dir=opt.get("dump-dir"), latency_runs=0)
     if cmd == "calibrate":
         return api.calibrate(pos[0], opt["calib"], stats_out=opt["o"])
     if cmd == "check":
@@ -473,7 +478,7 @@ def call_api(argv: list[str]):
         return api.inspect_model(pos[0])
     if cmd == "validate":
         return api.validate(pos[0], pos[1], data=opt["data"], target=opt.get("t"), report=opt.get("report"),
-                            latency_runs=0)
+                            min_sqnr=float(opt["min-sqnr"]) if "min-sqnr" in opt else None, latency_runs=0)
     if cmd == "compile":
         return api.compile_model(pos[0], target=opt["t"], output=opt["o"])
     raise AssertionError(cmd)
