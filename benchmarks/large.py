@@ -148,24 +148,25 @@ def main(argv: list[str] | None = None) -> int:
                          **({"error": m.output[-1500:]} if not m.ok else {})}
         if m.ok:
             rows["edgeq"].update(_fidelity(model, out_e, calib))
-        if not args.skip_ort:
-            out_o = work / "ort.onnx"
+        for tool, mode in (() if args.skip_ort else (("onnxruntime", "static"),
+                                                      ("onnxruntime+external", "static_external_data"))):
+            out_o = work / f"{mode}.onnx"
             m = run_measured(python_module("benchmarks.ort_baseline", "--model", model, "--calib", calib, "--out",
-                                           out_o, "--mode", "static"), timeout=3600)
-            rows["onnxruntime"] = {"ok": m.ok, "wall_seconds": m.wall_seconds, "peak_rss_mb": m.peak_rss_mb,
-                                   **({"error": m.output[-1500:]} if not m.ok else {})}
+                                           out_o, "--mode", mode), timeout=3600)
+            rows[tool] = {"ok": m.ok, "wall_seconds": m.wall_seconds, "peak_rss_mb": m.peak_rss_mb,
+                          **({"error": m.output.strip().splitlines()[-1][:300]} if not m.ok else {})}
             if m.ok:
-                rows["onnxruntime"].update(_fidelity(model, out_o, calib))
+                rows[tool].update(_fidelity(model, out_o, calib))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "large.json").write_text(json.dumps(rows, indent=2))
         gb = size / 2**30
         print(f"model: {args.layers} layers x {args.dim}, {gb:.2f} GiB of weights")
         print("| tool | ok | wall (s) | peak RSS (GiB) | RSS / model size | cosine vs FP32 |")
         print("|---|---|---|---|---|---|")
-        for tool in ("edgeq", "onnxruntime"):
+        for tool in ("edgeq", "onnxruntime", "onnxruntime+external"):
             r = rows.get(tool)
             if r:
-                print(f"| {tool} | {r['ok']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb'] / 1024:.2f} | "
+                print(f"| {tool} | {r['ok'] or r['error']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb'] / 1024:.2f} | "
                       f"{r['peak_rss_mb'] / 1024 / gb:.2f} | {r.get('cosine', float('nan')):.4f} |")
         return 0
     finally:

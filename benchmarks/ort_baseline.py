@@ -37,7 +37,7 @@ from . import feeds
 
 log = logging.getLogger(__name__)
 
-MODES = ("static", "dynamic", "static_exclude_worst")
+MODES = ("static", "dynamic", "static_exclude_worst", "static_external_data")
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -83,12 +83,15 @@ def preprocess(model: Path, scratch: Path) -> tuple[Path, str]:
         return model, f"failed, quantized the un-preprocessed model ({message})"
 
 
-def quantize_static_default(model: Path, calib: Path, out: Path, nodes_to_exclude: list[str] | None = None) -> None:
+def quantize_static_default(model: Path, calib: Path, out: Path, nodes_to_exclude: list[str] | None = None,
+                            external_data: bool = False) -> None:
+    """The default static QDQ; ``external_data`` adds the option models over 2 GB need (not a default)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(str(model), str(out), FeedReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=nodes_to_exclude or [])
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=nodes_to_exclude or [],
+                    use_external_data_format=external_data)
 
 
 def quantize_dynamic_default(model: Path, out: Path) -> None:
@@ -163,8 +166,8 @@ def quantize(model: Path, out: Path, mode: str = "static", calib: Path | None = 
         source, report["preprocess"] = preprocess(model, scratch)
         report["preprocess_seconds"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        if mode == "static":
-            quantize_static_default(source, calib, out)
+        if mode in ("static", "static_external_data"):
+            quantize_static_default(source, calib, out, external_data=mode == "static_external_data")
         elif mode == "dynamic":
             quantize_dynamic_default(source, out)
         else:

@@ -20,7 +20,7 @@ from edgeq.calibration.data import model_inputs, open_dataset
 from edgeq.calibration.stats import CalibrationStats
 from edgeq.errors import CalibrationDataError, EdgeqError, ProfileError, UnsupportedModelError
 from edgeq.ir import to_graph, to_model
-from edgeq.large_model import LARGE_MODEL_BYTES
+from edgeq.large_model import LARGE_MODEL_BYTES, release_memory
 from edgeq.model_io import (check_output_path, default_opset, ensure_opset, load_model, model_size_bytes, save_model,
                             staged_output)
 from edgeq.pass_base import PassContext, PassManager, make_pass
@@ -188,6 +188,8 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
         if stats is not None:
             calib_stats.save(stats)
     timings["calibrate_s"] = time.perf_counter() - start
+    if large:
+        release_memory()
 
     fallback_result = None
     if fallback:
@@ -205,6 +207,9 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     manager.run(graph, [make_pass("insert_qdq")],
                 PassContext(profile=profile, stats=calib_stats, precision=precision_plan))
     qmodel = to_model(graph, original)
+    del graph
+    if large:
+        release_memory()
     timings["insert_qdq_s"] = time.perf_counter() - start
     lint = None
     if check:

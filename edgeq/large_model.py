@@ -218,6 +218,35 @@ def absolutize_external(model: onnx.ModelProto, base_dir: Path) -> None:
                     e.value = str((Path(base_dir) / e.value).resolve())
 
 
+@contextlib.contextmanager
+def linked_copy(model: onnx.ModelProto) -> Iterator[Path | None]:
+    """A temporary model file whose data files are hard links to the originals (ONNX Runtime then reads the
+    weights itself, once); None where a hard link is impossible (another filesystem, no permission)."""
+    tmp = Path(tempfile.mkdtemp(prefix="edgeq-session-"))
+    try:
+        clone = onnx.ModelProto()
+        clone.CopyFrom(model)
+        links: dict[str, str] = {}
+        for t in clone.graph.initializer:
+            if not uses_external(t):
+                continue
+            for e in t.external_data:
+                if e.key == "location" and os.path.isabs(e.value):
+                    if e.value not in links:
+                        links[e.value] = f"weights{len(links)}.data"
+                        os.link(e.value, tmp / links[e.value])
+                    e.value = links[e.value]
+        (tmp / "model.onnx").write_bytes(clone.SerializeToString())
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        yield None
+        return
+    try:
+        yield tmp / "model.onnx"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def split_external(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """``model`` without its external initializers, and those initializers as read-only memory maps.
 
@@ -235,9 +264,21 @@ def split_external(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, n
         shape = tuple(t.dims)
         if int(np.prod(shape)) == 0:
             continue
-        maps[t.name] = np.memmap(info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+        maps[t.name] = np.memmap(info["location"], dtype=dtype, mode="c", offset=int(info.get("offset", 0)),
                                  shape=shape)
         del t.external_data[:]  # ORT only replaces initializers declared external; this file is never read
         entry = t.external_data.add()
         entry.key, entry.value = "location", "edgeq-mapped-weights.bin"
     return clone, maps
+
+
+def release_memory() -> None:
+    """Return freed memory to the OS between stages (glibc keeps freed weight-sized blocks in its heap)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -62,9 +62,12 @@ def make_session(model: onnx.ModelProto | str | Path, *, outputs: Iterable[str] 
         clone.CopyFrom(model)
         clone.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
         model = clone
-    from edgeq.large_model import has_external, split_external
+    from edgeq.large_model import has_external, linked_copy, split_external
 
     if has_external(model):
+        with linked_copy(model) as path:
+            if path is not None:
+                return _session(str(path), threads, optimize, providers, lean=True)
         model, weights = split_external(model)
         return _session(model.SerializeToString(), threads, optimize, providers, weights=weights)
     if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
@@ -75,7 +78,8 @@ def make_session(model: onnx.ModelProto | str | Path, *, outputs: Iterable[str] 
         return _session(str(path), threads, optimize, providers)
 
 
-def _session(source, threads: int, optimize: bool, providers: list | None, weights: dict | None = None):
+def _session(source, threads: int, optimize: bool, providers: list | None, weights: dict | None = None,
+             lean: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -84,6 +88,8 @@ def _session(source, threads: int, optimize: bool, providers: list | None, weigh
         names = list(weights)
         values = [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names]
         so.add_external_initializers(names, values)
+    if weights or lean:  # large models: no packed second copy of the weights
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.log_severity_level = 3
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -94,10 +100,23 @@ def _session(source, threads: int, optimize: bool, providers: list | None, weigh
     try:
         session = ort.InferenceSession(source, so, providers=providers)
         session._edgeq_weights = (weights, values)
+        if weights:
+            _release_pages(weights.values())
         return session
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {msg}") from None
+
+
+def _release_pages(maps) -> None:
+    """ONNX Runtime copied the mapped weights into its own buffers: drop our resident pages (still mapped, so they
+    are read back from the file if anything touches them again)."""
+    import mmap
+
+    for m in maps:
+        handle = getattr(m, "_mmap", None)
+        if handle is not None and hasattr(handle, "madvise"):
+            handle.madvise(mmap.MADV_DONTNEED)
 
 
 def calibrate(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]], *,
