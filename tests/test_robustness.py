@@ -142,6 +142,12 @@ def build_data(d: Path) -> None:
     (d / "bad_pre").mkdir()
     shutil.copy(DIGITS / "digits_png" / "0001.png", d / "bad_pre" / "0001.png")
     (d / "bad_pre" / "preprocess.yaml").write_text("size: [8, 8]\ngrayscale: true\nmena: [0.3]\n")
+    for folder, text in (("pre_huge", "size: [100000, 100000]\ngrayscale: true\n"),
+                         ("pre_std0", "size: [8, 8]\ngrayscale: true\nstd: [0]\n"),
+                         ("pre_null_key", "~: 1\n")):
+        (d / folder).mkdir()
+        shutil.copy(DIGITS / "digits_png" / "0001.png", d / folder / "0001.png")
+        (d / folder / "preprocess.yaml").write_text(text)
     (d / "calib_funcs.py").write_text(
         "import numpy as np\n"
         "def raises():\n    raise ValueError('the camera is unplugged')\n"
@@ -270,6 +276,9 @@ DATA_CASES = {  # calibration spec -> what the error must say
     "{d}/npz_dir": r"001\.npz",
     "{d}/png_dir": r"0002\.png",
     "{d}/bad_pre": r"unknown key 'mena'",
+    "{d}/pre_huge": r"size \[100000, 100000\] does not match the model's input 'image'",
+    "{d}/pre_std0": r"preprocess\.yaml: std must not be 0",
+    "{d}/pre_null_key": r"unknown key None",
     "{d}/no_such.npz": r"not found.*no_such\.npz",
     "no_such_module_xyz:load": r"cannot import 'no_such_module_xyz'",
     "{d}/broken_module.py:f": r"cannot import.*broken_module\.py.*SyntaxError",

@@ -17,6 +17,7 @@ The preprocessing YAML (``preprocess.yaml`` in the image folder, or a path given
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,7 +51,7 @@ def load_preprocess(path: Path) -> ImagePreprocess:
     if not isinstance(raw, dict):
         raise CalibrationDataError(f"{path}: image preprocessing must be a mapping")
     fields = {f.name for f in dataclasses.fields(ImagePreprocess)}
-    unknown = sorted(set(raw) - fields)
+    unknown = sorted(set(raw) - fields, key=repr)
     if unknown:
         raise CalibrationDataError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
     try:
@@ -64,7 +65,30 @@ def load_preprocess(path: Path) -> ImagePreprocess:
         raise CalibrationDataError(f"{path}: bad image preprocessing: {exc}") from None
     if pre.layout not in ("NCHW", "NHWC") or pre.channel_order not in ("RGB", "BGR"):
         raise CalibrationDataError(f"{path}: layout must be NCHW/NHWC and channel_order RGB/BGR")
+    problem = _bad_value(pre)
+    if problem:
+        raise CalibrationDataError(f"{path}: {problem}")
     return pre
+
+
+def _bad_value(pre: ImagePreprocess) -> str | None:
+    def pixels(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if pre.size is not None and (len(pre.size) != 2 or not all(pixels(d) for d in pre.size)):
+        return f"size must be [height, width] in pixels, got {list(pre.size)}"
+    if pre.resize is not None and not pixels(pre.resize):
+        return f"resize must be a positive number of pixels, got {pre.resize!r}"
+    if not isinstance(pre.grayscale, bool):
+        return f"grayscale must be true or false, got {pre.grayscale!r}"
+    if not pre.mean or not pre.std or not all(number(v) for v in (pre.scale, *pre.mean, *pre.std)):
+        return "scale, mean and std must be finite numbers (mean and std: one per channel, or one for all)"
+    if any(v == 0 for v in pre.std):
+        return f"std must not be 0, got {list(pre.std)}"
+    return None
 
 
 def image_dataset(folder: Path, images: list[Path], inputs: list[InputSpec], *, preprocess, what: str) -> Dataset:
@@ -92,6 +116,11 @@ def image_dataset(folder: Path, images: list[Path], inputs: list[InputSpec], *, 
                                    f".npz or a module:function for {len(inputs)} inputs")
     spec = next(i for i in inputs if i.name == name)
     size = pre.size
+    if size is not None and len(spec.shape) == 4:
+        dims = spec.shape[2:4] if pre.layout == "NCHW" else spec.shape[1:3]
+        if all(isinstance(d, int) and d > 0 for d in dims) and tuple(size) != tuple(dims):
+            raise CalibrationDataError(f"{what}: preprocessing size {list(size)} does not match the model's input "
+                                       f"{name!r} ({list(dims)} for {pre.layout})")
     if size is None and len(spec.shape) == 4:
         dims = spec.shape[2:4] if pre.layout == "NCHW" else spec.shape[1:3]
         if all(isinstance(d, int) and d > 0 for d in dims):
