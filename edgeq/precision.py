@@ -13,8 +13,11 @@ include the non-compute nodes whose outputs are quantized (residual Adds, LayerN
 1. quantize everything once (one calibration, reused: only ``insert_qdq`` reruns, which is cheap) and score it;
 2. rank candidate layers by a one-run prior (the noise each layer adds, as ``edgeq debug`` measures it), then
    measure, in that order and while the time budget allows, the gain from keeping each single layer in float;
-3. add layers to the float set greedily by measured gain, scoring each prefix (the trade-off curve), and stop when
-   the budget is met, the float fraction limit is reached or time runs out. The best model found is returned.
+3. also measure groups of structurally alike nodes (same op type feeding the same op types), which matters when
+   the error is spread over many layers;
+4. take the moves greedily by measured gain, keeping each only if the score improves (every try is a point of the
+   trade-off curve), and stop when the budget is met, the limits are reached or time runs out. The best model
+   found is returned.
 
 It evaluates on (a subset of) the calibration data, never on the user's evaluation data, so that ``--eval`` stays
 an honest held-out measurement of the model the fallback chose.
@@ -227,6 +230,7 @@ class FallbackResult:
     evaluations: int = 0
     base_float_nodes: frozenset = frozenset()  # kept in float before the fallback (profile/user)
     precision: str = "float"  # what the fallback gives the chosen layers: "float" or "wide" (16-bit activations)
+    op_of: dict = field(default_factory=dict)  # op type of each chosen node
 
     def as_dict(self) -> dict:
         return {"met": self.met, "stopped": self.stopped, "budget": self.budget.as_dict(),
@@ -305,7 +309,7 @@ def auto_fallback(canonical: onnx.ModelProto, profile, stats, feeds: Sequence[di
             Scorer(canonical, scorer.feeds[: options.rank_samples], scorer.metric)
         quick_baseline = baseline if quick is scorer else quick.score(model)
         ranking = _rank(canonical, model, candidates, quick, build, relax, base, quick_baseline, start,
-                        options.time_limit_s)
+                        options.time_limit_s, limit)
         scorer.evaluations += quick.evaluations if quick is not scorer else 0
         result.ranking = ranking
         result.precision = "wide" if wide else "float"
@@ -348,9 +352,12 @@ def _fallback_precision(options: "FallbackOptions", profile) -> str:
 
 
 def _rank(canonical, quantized, candidates, scorer: Scorer, build, relax, base, baseline: Score, start: float,
-          time_limit: float) -> list[dict]:
-    """Prior from one run (noise each layer adds), then measured single-layer gains while half the time lasts."""
-    from edgeq.debug import compare_tensors, _nsr
+          time_limit: float, limit: int) -> list[dict]:
+    """Moves to try, best first: single layers (prior from one run -- the noise each adds, as ``edgeq debug``
+    measures it -- then measured gains while half the time lasts) and groups of structurally alike nodes (same op
+    type feeding the same op types, e.g. every residual Add before a LayerNorm) while three quarters last. Groups
+    matter when the error is spread over many layers, where no single one gains much."""
+    from edgeq.debug import _nsr, compare_tensors
 
     pairs = {}
     for n in candidates:
@@ -364,47 +371,71 @@ def _rank(canonical, quantized, candidates, scorer: Scorer, build, relax, base, 
     for n in candidates:
         out_nsr = _nsr(acc[n.output[0]].sqnr_db) if n.output[0] in acc else 0.0
         in_nsr = _nsr(acc[n.input[0]].sqnr_db) if n.input and n.input[0] in acc else 0.0
-        ranking.append({"node": n.name, "op": n.op_type, "prior": out_nsr - in_nsr, "gain": None})
+        ranking.append({"node": n.name, "nodes": [n.name], "op": n.op_type, "prior": out_nsr - in_nsr,
+                        "gain": None})
     ranking.sort(key=lambda r: -r["prior"])
-    measure_until = start + 0.5 * time_limit
-    for r in ranking:
-        if time.perf_counter() > measure_until:
-            break
-        r["gain"] = scorer.score(build(relax(base, [r["node"]]))).key() - baseline.key()
-    measured = [r for r in ranking if r["gain"] is not None]
-    rest = [r for r in ranking if r["gain"] is None]
-    measured.sort(key=lambda r: -r["gain"])
-    return measured + rest
+    prior = {r["node"]: r["prior"] for r in ranking}
+    for until, moves in ((0.5, ranking), (0.75, _groups(canonical, candidates, prior, limit))):
+        for r in moves:
+            if time.perf_counter() > start + until * time_limit:
+                break
+            r["gain"] = scorer.score(build(relax(base, r["nodes"]))).key() - baseline.key()
+        if moves is not ranking:
+            ranking += [r for r in moves if r["gain"] is not None]
+    measured = sorted((r for r in ranking if r["gain"] is not None), key=lambda r: -r["gain"])
+    return measured + [r for r in ranking if r["gain"] is None]
+
+
+def _groups(canonical: onnx.ModelProto, candidates, prior: dict, limit: int) -> list[dict]:
+    """Candidates grouped by (op type, op types reading their outputs); groups of 2..limit nodes, by total prior."""
+    readers: dict[str, set] = {}
+    for n in canonical.graph.node:
+        for t in n.input:
+            readers.setdefault(t, set()).add(n.op_type)
+    groups: dict[tuple, list[str]] = {}
+    for n in candidates:
+        key = (n.op_type, tuple(sorted(set().union(*(readers.get(o, set()) for o in n.output)))))
+        groups.setdefault(key, []).append(n.name)
+    out = [{"node": f"{len(names)} x {op} -> {'/'.join(into) or 'output'}", "nodes": names, "op": op,
+            "prior": sum(prior.get(x, 0.0) for x in names), "gain": None}
+           for (op, into), names in groups.items() if 2 <= len(names) <= limit]
+    return sorted(out, key=lambda r: -r["prior"])
 
 
 def _greedy(result: FallbackResult, ranking, scorer, build, relax, base, budget: Budget, limit: int,
             compute_limit: int, deadline: float) -> str:
+    """Take moves in ranking order within the limits; keep a move only if the score improves."""
     chosen: list[str] = []
-    compute = 0
     best_key = result.best.key()
     for r in ranking:
-        if len(chosen) >= limit:
-            break
         if time.perf_counter() > deadline:
             return "time limit reached"
         if r["gain"] is not None and r["gain"] <= 0:
-            return "no remaining layer improves fidelity"
-        if r["op"] in CANDIDATE_OPS:
-            if compute >= compute_limit:
-                continue
-            compute += 1
-        chosen.append(r["node"])
-        plan = relax(base, chosen)
+            return "no remaining move improves fidelity"
+        new = [x for x in r["nodes"] if x not in chosen]
+        ops = {n: op for n, op in zip(r["nodes"], [r["op"]] * len(r["nodes"]))}
+        compute = sum(1 for x in chosen if result.op_of.get(x) in CANDIDATE_OPS)
+        add_compute = sum(1 for x in new if ops[x] in CANDIDATE_OPS)
+        if not new or len(chosen) + len(new) > limit or compute + add_compute > compute_limit:
+            continue
+        plan = relax(base, chosen + new)
         model = build(plan)
         score = scorer.score(model)
         met = budget.met(score)
-        result.curve.append({"float_layers": len(chosen), "added": r["node"], **score.as_dict(), "met": met})
-        if met or score.key() > best_key:
+        keep = met or score.key() > best_key
+        result.curve.append({"float_layers": len(chosen) + len(new), "added": r["node"], **score.as_dict(),
+                             "met": met, "kept": keep})
+        if keep:
+            chosen += new
+            result.op_of.update(ops)
             best_key = score.key()
             result.plan, result.model, result.best, result.met = plan, model, score, met
         if met:
-            return f"budget met with {len(chosen)} layer(s) in float"
-    return f"limit of {limit} layer(s) ({compute_limit} compute) reached without meeting the budget"
+            return f"budget met with {len(chosen)} layer(s) changed"
+        if len(chosen) >= limit:
+            break
+    return f"limit of {limit} layer(s) ({compute_limit} compute) reached without meeting the budget" \
+        if len(chosen) >= limit else "no remaining move fits the limits or improves fidelity"
 
 
 def _finite(v: float) -> float | None:

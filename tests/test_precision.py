@@ -214,3 +214,33 @@ def test_whole_graph_target_widens_instead_of_floating():
     assert _qdq_inputs(res.model, "mm0")[0] == "DequantizeLinear"  # still quantized, now 16-bit
     d = res.as_dict()
     assert d["precision"] == "wide" and "mm0" in d["wide_nodes"]
+
+
+def test_group_move_when_error_is_spread_over_alike_layers():
+    """Every MatMul reads an input with one 30x channel: no single layer fixes the output, the group does."""
+    rng = np.random.default_rng(3)
+    nodes, inits, last = [], [], "x"
+    boost = np.ones(D, np.float32)
+    boost[0] = 30.0
+    inits.append(numpy_helper.from_array(boost, "boost"))
+    for i in range(6):
+        w = (rng.normal(size=(D, D)) / np.sqrt(D)).astype(np.float32)
+        w[0] /= 30.0
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("Mul", [last, "boost"], [f"b{i}"], name=f"boost{i}"),
+                  helper.make_node("MatMul", [f"b{i}", f"w{i}"], [f"m{i}"], name=f"mm{i}")]
+        last = f"m{i}"
+    g = helper.make_graph(nodes, "spread", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, D])],
+                          [helper.make_tensor_value_info(last, TensorProto.FLOAT, [4, D])], inits)
+    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = _feeds(6, seed=4, outlier=False)
+    stats = calibrate(m, feeds)
+    res = auto_fallback(m, load_profile("tensorrt"), stats, feeds,
+                        options=FallbackOptions(max_float_fraction=1.0, min_sqnr_db=40.0, time_limit_s=60))
+    groups = [r for r in res.ranking if len(r["nodes"]) > 1]
+    # mm0..mm4 feed a Mul (alike); mm5 feeds the graph output
+    assert groups and groups[0]["nodes"] == [f"mm{i}" for i in range(5)] and groups[0]["node"] == "5 x MatMul -> Mul"
+    assert res.ranking[0] is groups[0]  # the group gains more than any single layer
+    assert res.curve[1]["added"] == groups[0]["node"] and res.curve[1]["kept"]
+    assert res.curve[1]["sqnr_db"] > res.curve[0]["sqnr_db"] + 2
+    assert {f"mm{i}" for i in range(5)} <= res.plan.float_nodes
