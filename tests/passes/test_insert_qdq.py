@@ -194,19 +194,23 @@ def test_qnn_leaves_erf_gelu_interior_unquantized():
     assert float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99
 
 
-def test_int4_weight_only_blockwise():
-    model = make_transformer_block()
-    rng = np.random.default_rng(0)
-    samples = [{"x": rng.normal(size=(1, 16, 32)).astype(np.float32)} for _ in range(2)]
+def _block_at_opset(profile_name: str):
+    """The transformer block quantized for a profile that needs a newer opset (int4 / fp8)."""
     from edgeq.api import quantize_opset
     from edgeq.model_io import ensure_opset
 
-    profile = load_profile("tensorrt-int4")
-    canon, _ = canonicalize(model)
-    canon = ensure_opset(canon, quantize_opset(profile, canon), why="int4")
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 16, 32)).astype(np.float32)} for _ in range(2)]
+    profile = load_profile(profile_name)
+    canon, _ = canonicalize(make_transformer_block())
+    canon = ensure_opset(canon, quantize_opset(profile, canon), why=profile_name)
     graph = to_graph(canon)
     make_pass("insert_qdq").run(graph, PassContext(profile=profile, stats=calibrate(canon, samples)))
-    q = to_model(graph, canon)
+    return profile, canon, to_model(graph, canon), samples
+
+
+def test_int4_weight_only_blockwise():
+    _, canon, q, samples = _block_at_opset("tensorrt-int4")
     dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dqs) == 6 and not any(n.op_type == "QuantizeLinear" for n in q.graph.node)
     for dq in dqs:
@@ -222,18 +226,7 @@ def test_int4_weight_only_blockwise():
 def test_fp8_qdq_is_legal_for_tensorrt():
     from edgeq.lint import check_model
 
-    model = make_transformer_block()
-    rng = np.random.default_rng(0)
-    samples = [{"x": rng.normal(size=(1, 16, 32)).astype(np.float32)} for _ in range(2)]
-    from edgeq.api import quantize_opset
-    from edgeq.model_io import ensure_opset
-
-    profile = load_profile("tensorrt-fp8")
-    canon, _ = canonicalize(model)
-    canon = ensure_opset(canon, quantize_opset(profile, canon), why="fp8")
-    graph = to_graph(canon)
-    make_pass("insert_qdq").run(graph, PassContext(profile=profile, stats=calibrate(canon, samples)))
-    q = to_model(graph, canon)
+    profile, canon, q, samples = _block_at_opset("tensorrt-fp8")
     zps = [i for i in q.graph.initializer if i.name.endswith("/zero_point")]
     assert zps and all(z.data_type == onnx.TensorProto.FLOAT8E4M3FN for z in zps)
     assert check_model(q, profile).passed
