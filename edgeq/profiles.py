@@ -34,12 +34,16 @@ class ActivationSpec:
     percentile: float = 99.999
     # Keep a tensor in float when its calibrated magnitude exceeds this (attention-mask arithmetic, -inf fills).
     max_abs_range: float = 1.0e4
+    # Keep a tensor in float (whole-graph targets: 16-bit) when more than this share of its calibrated magnitude
+    # would round to zero (long-axis softmax outputs, activations with huge outliers); 1.0 turns the check off.
+    max_underflow: float = 0.1
     min_real_range: float = 1.0e-5
 
     def __post_init__(self) -> None:
         _require(0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], got {self.percentile}")
         _require(_positive(self.max_abs_range), f"max_abs_range must be > 0, got {self.max_abs_range}")
         _require(_positive(self.min_real_range), f"min_real_range must be > 0, got {self.min_real_range}")
+        _require(0.0 < self.max_underflow <= 1.0, f"max_underflow must be in (0, 1], got {self.max_underflow}")
 
 
 @dataclass(frozen=True, kw_only=True)
