@@ -149,7 +149,8 @@ class DebugResult:
                 "first_jump": jump.as_dict() if jump else None, "rows": [r.as_dict() for r in self.rows]}
 
 
-def _nsr(sqnr_db: float) -> float:
+def noise_to_signal(sqnr_db: float) -> float:
+    """Noise-to-signal power ratio of an SQNR in dB (capped at CEILING_DB; NaN counts as all noise)."""
     return 10 ** (-min(sqnr_db, CEILING_DB) / 10) if not math.isnan(sqnr_db) else 1.0
 
 
@@ -250,7 +251,7 @@ def _finish(rows: list[LayerRow], acc: dict[str, ErrorAccumulator], samples: int
         ins = [acc[t].sqnr_db for t in r.inputs if t in acc and acc[t].samples]
         if ins:  # SQNR above CEILING_DB counts as exact, so a first layer's drop is finite
             r.drop_db = min(min(ins), CEILING_DB) - min(r.sqnr_db, CEILING_DB)
-            r.added_noise = _nsr(r.sqnr_db) - _nsr(min(ins))
+            r.added_noise = noise_to_signal(r.sqnr_db) - noise_to_signal(min(ins))
     return DebugResult(rows=rows, samples=samples, reference=ref, candidate=cand)
 
 

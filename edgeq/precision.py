@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -357,7 +357,7 @@ def _rank(canonical, quantized, candidates, scorer: Scorer, build, relax, base, 
     measures it -- then measured gains while half the time lasts) and groups of structurally alike nodes (same op
     type feeding the same op types, e.g. every residual Add before a LayerNorm) while three quarters last. Groups
     matter when the error is spread over many layers, where no single one gains much."""
-    from edgeq.debug import _nsr, compare_tensors
+    from edgeq.debug import compare_tensors, noise_to_signal
 
     pairs = {}
     for n in candidates:
@@ -369,8 +369,8 @@ def _rank(canonical, quantized, candidates, scorer: Scorer, build, relax, base, 
     acc = compare_tensors(canonical, quantized, scorer.feeds[:2], pairs)
     ranking = []
     for n in candidates:
-        out_nsr = _nsr(acc[n.output[0]].sqnr_db) if n.output[0] in acc else 0.0
-        in_nsr = _nsr(acc[n.input[0]].sqnr_db) if n.input and n.input[0] in acc else 0.0
+        out_nsr = noise_to_signal(acc[n.output[0]].sqnr_db) if n.output[0] in acc else 0.0
+        in_nsr = noise_to_signal(acc[n.input[0]].sqnr_db) if n.input and n.input[0] in acc else 0.0
         ranking.append({"node": n.name, "nodes": [n.name], "op": n.op_type, "prior": out_nsr - in_nsr,
                         "gain": None})
     ranking.sort(key=lambda r: -r["prior"])
@@ -413,7 +413,7 @@ def _greedy(result: FallbackResult, ranking, scorer, build, relax, base, budget:
         if r["gain"] is not None and r["gain"] <= 0:
             return "no remaining move improves fidelity"
         new = [x for x in r["nodes"] if x not in chosen]
-        ops = {n: op for n, op in zip(r["nodes"], [r["op"]] * len(r["nodes"]))}
+        ops = {x: r["op"] for x in r["nodes"]}
         compute = sum(1 for x in chosen if result.op_of.get(x) in CANDIDATE_OPS)
         add_compute = sum(1 for x in new if ops[x] in CANDIDATE_OPS)
         if not new or len(chosen) + len(new) > limit or compute + add_compute > compute_limit:
