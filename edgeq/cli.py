@@ -96,11 +96,17 @@ def _print_quantize(rep: dict) -> None:
                    "calibration data, never on --eval).")
 @click.option("--fallback-time-limit", type=click.FloatRange(min=1), default=None,
               help="Seconds the automatic fallback may spend (default 300); the best model found is kept.")
+@click.option("--fallback-metric", default=None,
+              help="Task metric for --auto-fallback: module:function or file.py:function called as "
+                   "fn(reference_outputs, candidate_outputs) -> float, higher is better.")
+@click.option("--fallback-min-metric", type=float, default=None,
+              help="Value --fallback-metric must reach (required with it).")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the graph after each pass.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path), default=None, help="Self-contained HTML report.")
 @click.option("--junit", "junit_out", type=click.Path(path_type=Path), default=None, help="JUnit XML for CI systems.")
 def quantize(model, target, calib, output, eval_data, report, stats, preprocess, max_calib_samples, min_cosine,
-             min_sqnr, keep_float, auto_fallback, fallback_time_limit, dump_dir, html_out, junit_out):
+             min_sqnr, keep_float, auto_fallback, fallback_time_limit, fallback_metric, fallback_min_metric,
+             dump_dir, html_out, junit_out):
     """Canonicalise, calibrate, insert Q/DQ for TARGET, save, check, and validate when --eval is given."""
     import dataclasses
 
@@ -115,11 +121,26 @@ def quantize(model, target, calib, output, eval_data, report, stats, preprocess,
     result = api.quantize(model, target=profile, calib=calib, output=output, eval_data=eval_data, report=report,
                           stats=stats, preprocess=preprocess, max_calib_samples=max_calib_samples,
                           min_cosine=min_cosine, min_sqnr=min_sqnr, progress=True, dump_dir=dump_dir,
-                          fallback=auto_fallback, time_limit_s=fallback_time_limit)
+                          fallback=_fallback_options(auto_fallback, fallback_metric, fallback_min_metric),
+                          time_limit_s=fallback_time_limit)
     _write_extra_reports(result.report, html_out, junit_out)
     _print_quantize(result.report)
     if result.passed is False:
         sys.exit(1)
+
+
+def _fallback_options(enabled: bool, metric: str | None, min_metric: float | None):
+    if not enabled:
+        if metric is not None or min_metric is not None:
+            _fail_usage("--fallback-metric/--fallback-min-metric need --auto-fallback")
+        return False
+    if metric is None and min_metric is None:
+        return True
+    if metric is None or min_metric is None:
+        _fail_usage("--fallback-metric and --fallback-min-metric go together")
+    from edgeq.precision import FallbackOptions
+
+    return FallbackOptions(metric=metric, min_metric=min_metric)
 
 
 @cli.command()

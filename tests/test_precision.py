@@ -244,3 +244,27 @@ def test_group_move_when_error_is_spread_over_alike_layers():
     assert res.curve[1]["added"] == groups[0]["node"] and res.curve[1]["kept"]
     assert res.curve[1]["sqnr_db"] > res.curve[0]["sqnr_db"] + 2
     assert {f"mm{i}" for i in range(5)} <= res.plan.float_nodes
+
+
+def test_cli_fallback_task_metric(tmp_path, monkeypatch):
+    from edgeq.cli import main
+
+    (tmp_path / "negerr.py").write_text(
+        "import numpy as np\n"
+        "def score(ref, cand):\n"
+        "    return -max(float(np.abs(r[k] - c[k]).max()) for r, c in zip(ref, cand) for k in r)\n")
+    monkeypatch.chdir(tmp_path)
+    onnx.save(_chain(), "chain.onnx")
+    Path = type(tmp_path)
+    Path("calib").mkdir()
+    for i, f in enumerate(_feeds(8)):
+        np.savez(f"calib/{i}.npz", **f)
+    args = ["quantize", "chain.onnx", "-t", "tensorrt", "--calib", "calib", "-o", "q.onnx", "--report", "r.json"]
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--fallback-metric", "negerr.py:score"])
+    assert exc.value.code == 2  # a metric without its threshold (or without --auto-fallback) is a usage error
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--auto-fallback", "--fallback-metric", "negerr.py:score", "--fallback-min-metric", "-0.01"])
+    assert exc.value.code == 0
+    fb = json.loads(Path("r.json").read_text())["fallback"]
+    assert fb["met"] and fb["float_nodes"] == ["mm0"] and fb["best"]["metric"] >= -0.01
