@@ -310,11 +310,13 @@ def debug(reference, candidate, data, max_samples, json_out, plot, top):
 @click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the quantized models and report.json (default: out/<pipeline name>).")
-def run_cmd(pipeline, output_dir):
+@click.option("-t", "--target", default=None,
+              help="Replace the pipeline's default target (stages that name their own keep it).")
+def run_cmd(pipeline, output_dir, target):
     """Quantize a multi-model pipeline (PIPELINE.yaml, see docs/pipelines.md) and validate it end to end."""
     from edgeq.pipeline import format_summary, run_pipeline
 
-    result = run_pipeline(pipeline, output_dir=output_dir, progress=True)
+    result = run_pipeline(pipeline, output_dir=output_dir, target=target, progress=True)
     click.echo(format_summary(result.report))
     if result.passed is False:
         sys.exit(1)

@@ -53,11 +53,12 @@ class PipelineResult:
         return {s["name"]: Path(s["output"]["path"]) for s in self.report["stages"]}
 
 
-def run_pipeline(pipeline: str | Path, *, output_dir: str | Path | None = None, progress: bool = False,
-                 threads: int = 0) -> PipelineResult:
-    """Calibrate, quantize (and compile) every stage of ``pipeline``, then validate the whole pipeline."""
+def run_pipeline(pipeline: str | Path, *, output_dir: str | Path | None = None, target: str | None = None,
+                 progress: bool = False, threads: int = 0) -> PipelineResult:
+    """Calibrate, quantize (and compile) every stage of ``pipeline``, then validate the whole pipeline.
+    ``target`` replaces the pipeline's default target (stages naming their own keep it)."""
     t0 = time.perf_counter()
-    plan = make_plan(pipeline)
+    plan = make_plan(pipeline, target=target)
     spec = plan.spec
     out = Path(output_dir) if output_dir is not None else Path("out") / spec.name
     _prepare_output(out, plan)
@@ -86,7 +87,7 @@ def run_pipeline(pipeline: str | Path, *, output_dir: str | Path | None = None, 
     rep: dict[str, Any] = {
         "schema": PIPELINE_SCHEMA, "stage_report_schema": SCHEMA, "command": "run", "passed": None,
         "pipeline": {"name": spec.name, "description": spec.description, "path": str(plan.path),
-                     "sha256": sha256_file(plan.path)},
+                     "sha256": sha256_file(plan.path), "target": spec.target},
         "calibration": {"samples": len(calib_seconds), "data": spec.calibration.data,
                         "data_sha256": sha256_file(plan.data_spec(spec.calibration.data))
                         if Path(plan.data_spec(spec.calibration.data)).exists() else None},

@@ -127,6 +127,9 @@ def choose_token(logits: np.ndarray, step: int, token: TokenSpec) -> int:
     """Greedy id from the last position's scores (batch 1), with the suppressed ids masked out."""
     scores = np.asarray(logits)
     row = scores.reshape(-1, scores.shape[-1])[-1].astype(np.float32, copy=True)
+    too_big = [i for i in (*token.suppress, *token.suppress_first) if not 0 <= i < row.size]
+    if too_big:
+        raise PipelineError(f"loop.token: id {too_big[0]} is outside the {row.size} scores of {token.logits!r}")
     if token.suppress:
         row[list(token.suppress)] = -np.inf
     if step == 0 and token.suppress_first:

@@ -70,10 +70,16 @@ class Plan:
         return str(candidate) if candidate.exists() or not sep else text
 
 
-def plan(path: str | Path) -> Plan:
-    """Read the pipeline YAML at ``path`` and resolve it (models are read without their weights)."""
+def plan(path: str | Path, *, target: str | None = None) -> Plan:
+    """Read the pipeline YAML at ``path`` and resolve it (models are read without their weights). ``target``
+    replaces the pipeline-level target (a profile path is taken relative to the working directory); stages that
+    name their own target keep it."""
     path = Path(path)
     spec = read_pipeline_yaml(path)
+    if target is not None:
+        if target.endswith((".yaml", ".yml")):
+            target = str(Path(target).expanduser().resolve())
+        spec = dataclasses.replace(spec, target=target)
     source, base = str(path), path.parent
     constants = {name: _constant(name, c, source) for name, c in spec.constants.items()}
     clash = sorted(set(constants) & set(spec.inputs))

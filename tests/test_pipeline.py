@@ -199,6 +199,24 @@ def test_bad_yaml_is_one_line_error_naming_key_and_file(tiny, edit, message):
     assert text.startswith(str(path)) and "\n" not in text
 
 
+def test_target_override_keeps_stage_targets(tiny):
+    from edgeq.pipeline_plan import plan
+
+    text = PIPELINE.replace("    model: dec.onnx\n", "    model: dec.onnx\n    target: qnn\n")
+    p = plan(_write(tiny, text), target="tensorrt")
+    assert [s.profile.name for s in p.stages] == ["tensorrt", "qnn"]
+
+
+def test_out_of_range_token_id_is_an_error(tiny):
+    from edgeq.pipeline_exec import PipelineRunner
+    from edgeq.pipeline_plan import plan
+    from edgeq.pipeline_spec import PipelineError
+
+    runner = PipelineRunner(plan(_write(tiny, PIPELINE.replace("suppress: [0]", "suppress: [0, 12]"))))
+    with pytest.raises(PipelineError, match="id 12 is outside the 12 scores of 'logits'"):
+        runner({"feats": np.zeros((1, S, D), np.float32)})
+
+
 def test_invalid_yaml_and_non_mapping(tmp_path):
     from edgeq.pipeline_spec import PipelineError, read_pipeline_yaml
 
