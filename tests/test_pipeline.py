@@ -387,12 +387,17 @@ def test_whisper_recipe_meets_the_wer_bar(tmp_path):
 @pytest.mark.slow
 def test_sdxl_recipe_runs(tmp_path):
     pytest.importorskip("diffusers")
-    from edgeq.pipeline import run_pipeline
-
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, str(ROOT / "examples" / "sdxl" / "export.py"), "--out", str(tmp_path / "m")],
-                   check=True, cwd=ROOT)
-    rep = run_pipeline(ROOT / "examples" / "sdxl" / "pipeline.yaml", output_dir=tmp_path / "o").report
-    assert rep["end_to_end"]["metrics"]["image_psnr_db"] > 20
+    from edgeq.pipeline import run_pipeline
+
+    subprocess.run([sys.executable, str(ROOT / "examples" / "sdxl" / "export.py")], check=True, cwd=ROOT,
+                   capture_output=True)
+    rep = run_pipeline(ROOT / "examples" / "sdxl" / "pipeline.yaml", output_dir=tmp_path).report
+    assert [s["name"] for s in rep["stages"]] == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    unet = rep["stages"][2]
+    assert unet["calibration"]["feeds"] == 16 * 4  # every denoising step of every calibration prompt
+    assert unet["validation"]["outputs"][0]["cosine_mean"] > 0.98
+    assert rep["end_to_end"]["metrics"]["image_psnr_db"] > 30
+    assert rep["passed"]
