@@ -107,17 +107,7 @@ class Dataset:
 def check_sample(sample: Any, inputs: list[InputSpec], *, where: str) -> dict[str, np.ndarray]:
     if not isinstance(sample, dict):
         raise CalibrationDataError(f"{where}: expected a dict of input name -> array, got {type(sample).__name__}")
-    names = {i.name for i in inputs}
-    missing = sorted(names - set(sample))
-    extra = sorted(set(sample) - names)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing input(s) {', '.join(missing)}")
-        if extra:
-            parts.append(f"unknown name(s) {', '.join(extra)}")
-        raise CalibrationDataError(f"{where}: {'; '.join(parts)}; the model's inputs are "
-                                   f"{', '.join(sorted(names))}")
+    _check_names(set(sample), inputs, where, noun="input")
     feed = {}
     for spec in inputs:
         arr = np.asarray(sample[spec.name])
@@ -137,6 +127,17 @@ def check_sample(sample: Any, inputs: list[InputSpec], *, where: str) -> dict[st
             raise CalibrationDataError(f"{where}: input {spec.name!r} contains {bad} values")
         feed[spec.name] = np.ascontiguousarray(arr)
     return feed
+
+
+def _check_names(given: set, inputs: list[InputSpec], where: str, *, noun: str) -> None:
+    """One error naming every missing and unknown name, and the model's real input names."""
+    names = {i.name for i in inputs}
+    missing, extra = sorted(names - given), sorted(given - names, key=str)
+    if missing or extra:
+        parts = [f"missing {noun}(s) {', '.join(missing)}"] if missing else []
+        if extra:
+            parts.append(f"unknown {'name' if noun == 'input' else noun}(s) {', '.join(map(str, extra))}")
+        raise CalibrationDataError(f"{where}: {'; '.join(parts)}; the model's inputs are {', '.join(sorted(names))}")
 
 
 def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
@@ -222,15 +223,7 @@ def _npz_stacked(path: Path, inputs: list[InputSpec], what: str) -> Dataset:
             raise CalibrationDataError(f"{what}: {path} is corrupt: {str(exc).splitlines()[0][:200]}") from None
     if not arrays:
         raise CalibrationDataError(f"{what}: {path} contains no arrays")
-    names = {i.name for i in inputs}
-    missing, extra = sorted(names - set(arrays)), sorted(set(arrays) - names)
-    if missing or extra:
-        msg = []
-        if missing:
-            msg.append(f"missing key(s) {', '.join(missing)}")
-        if extra:
-            msg.append(f"unknown key(s) {', '.join(extra)}")
-        raise CalibrationDataError(f"{what}: {path}: {'; '.join(msg)}; the model's inputs are {', '.join(sorted(names))}")
+    _check_names(set(arrays), inputs, f"{what}: {path}", noun="key")
     counts = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
     if len(set(counts.values())) != 1:
         raise CalibrationDataError(f"{what}: {path}: arrays have different sample counts on axis 0: {counts}")
