@@ -15,6 +15,7 @@ and ``report.json`` covering every stage and the end-to-end result. The YAML sch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import statistics
@@ -32,7 +33,8 @@ from edgeq.errors import EdgeqError, OutputError
 from edgeq.metrics import OutputMetrics
 from edgeq.model_io import model_size_bytes, same_file
 from edgeq.pipeline_exec import PipelineRunner
-from edgeq.pipeline_plan import Plan, StagePlan, plan as make_plan
+from edgeq.pipeline_plan import Plan, StagePlan
+from edgeq.pipeline_plan import plan as make_plan
 from edgeq.pipeline_spec import PipelineError
 from edgeq.report import SCHEMA, sha256_file, tool_versions, write_report
 
@@ -101,7 +103,8 @@ def run_pipeline(pipeline: str | Path, *, output_dir: str | Path | None = None, 
         rep["end_to_end"] = _end_to_end(plan, reference, candidate, fp32_latency, cand_latency, fp32_timing,
                                         quantized.timing(), stages)
         timings["end_to_end_s"] = time.perf_counter() - start
-        stage_fail = [f"stage {s['name']}: {f}" for s in stages for f in (s.get("validation") or {}).get("failures", [])]
+        stage_fail = [f"stage {s['name']}: {f}" for s in stages
+                      for f in (s.get("validation") or {}).get("failures", [])]
         rep["failures"] = stage_fail + rep["end_to_end"]["failures"]
         rep["passed"] = not rep["failures"]
     timings["total_s"] = time.perf_counter() - t0
@@ -161,7 +164,8 @@ def _stage_report(stage: StagePlan, out: Path, calib_feeds: list[dict], eval_fee
         log.info("stage %s: quantizing for %s on %d captured feeds", stage.name, stage.profile.name, len(calib_feeds))
         result = api.quantize(stage.model, target=stage.profile, calib=calib_feeds, output=target,
                               eval_data=eval_feeds or None, stats=stats, max_calib_samples=limit,
-                              latency_runs=stage.spec.latency_runs, progress=progress)
+                              latency_runs=stage.spec.latency_runs, progress=progress,
+                              fallback=_fallback(stage.spec.fallback_options))
         rep = result.report
         entry.update(target=stage.profile.name, profile_source=stage.profile.source, output=rep["output"],
                      stats=str(stats), report=rep, validation=rep.get("validation"))
@@ -180,6 +184,14 @@ def _stage_report(stage: StagePlan, out: Path, calib_feeds: list[dict], eval_fee
         entry["compiled"] = {"path": str(compiled), "backend": backend,
                              **{k: v for k, v in compiled_info.items() if k not in ("lint",)}}
     return entry
+
+
+def _fallback(options):
+    if options is None:
+        return False
+    from edgeq.precision import FallbackOptions
+
+    return FallbackOptions(**dataclasses.asdict(options))
 
 
 def _end_to_end(plan: Plan, reference: list[dict], candidate: list[dict], fp32_s: list[float], cand_s: list[float],
@@ -273,6 +285,9 @@ def format_summary(rep: dict) -> str:
             worst = min(v["outputs"], key=lambda o: o["cosine_mean"])
             line += f"; vs FP32 (FP32 inputs): cosine {worst['cosine_mean']:.4f}, SQNR {worst['sqnr_db']:.1f} dB" \
                 if isinstance(worst["sqnr_db"], float) else ""
+        fallback = (s.get("report") or {}).get("fallback")
+        if fallback:
+            line += f"; fallback kept {len(fallback['float_nodes']) + len(fallback['wide_nodes'])} layers off int8"
         if "compiled" in s:
             line += f"; compiled -> {s['compiled']['path']}"
         lines.append(line)

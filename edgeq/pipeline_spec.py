@@ -87,6 +87,19 @@ class StageCompile:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StageFallback:
+    """edgeq's automatic fallback for one stage: the fewest, most sensitive layers leave int8 until the stage meets
+    this budget on its captured calibration feeds (see edgeq.precision.FallbackOptions)."""
+
+    min_cosine: float | None = None  # None: the profile's threshold
+    min_sqnr_db: float | None = None
+    max_float_fraction: float = 0.10
+    time_limit_s: float = 300.0
+    max_samples: int = 16
+    precision: Literal["auto", "float", "wide"] = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
 class StageSpec:
     name: str
     model: str
@@ -99,6 +112,7 @@ class StageSpec:
     outputs: dict[str, str] | None = None  # model output (loops: or input) -> value name; default: all outputs
     loop: LoopSpec | None = None
     calibration: StageCalibration = field(default_factory=StageCalibration)
+    fallback: bool | StageFallback = False  # true: the fallback's defaults with the profile's thresholds
     latency_runs: int = 10
 
     def __post_init__(self) -> None:
@@ -106,6 +120,12 @@ class StageSpec:
             raise ValueError(f"stage name {self.name!r} must be letters, digits, '_', '.', '-' (it names files)")
         if self.latency_runs < 0:
             raise ValueError(f"latency_runs must be >= 0, got {self.latency_runs}")
+
+    @property
+    def fallback_options(self) -> StageFallback | None:
+        if isinstance(self.fallback, StageFallback):
+            return self.fallback
+        return StageFallback() if self.fallback else None
 
     @property
     def compile_options(self) -> StageCompile | None:

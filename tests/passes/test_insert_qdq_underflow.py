@@ -7,9 +7,9 @@ import dataclasses
 
 import numpy as np
 import onnx
+from conftest import run_ort
 from onnx import TensorProto, helper
 
-from conftest import run_ort
 from edgeq.api import canonicalize
 from edgeq.calibration.calibrate import calibrate
 from edgeq.ir import to_graph, to_model
