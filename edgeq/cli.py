@@ -286,6 +286,8 @@ def demo(target, output_dir):
     _print_quantize(rep)
     click.echo(f"accuracy  fp32 {d['fp32_accuracy']:.4f}  int8 {d['int8_accuracy']:.4f}")
     click.echo(f"size      fp32 {d['fp32_size_bytes'] / 1024:.1f} KiB  int8 {d['int8_size_bytes'] / 1024:.1f} KiB")
+    if output_dir is None:
+        click.echo("(the quantized model and report above were temporary; use -o DIR to keep them)")
     if not rep["passed"]:
         sys.exit(1)
 
