@@ -35,6 +35,7 @@ LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "Lay
 
 
 CEILING_DB = 100.0
+CLAMPS = frozenset({"Relu", "Clip"})
 
 
 class ErrorAccumulator:
@@ -218,11 +219,14 @@ def plan_rows(ref: onnx.ModelProto, cand: onnx.ModelProto) -> tuple[list[LayerRo
             out = n.output[0]
             if src is None:
                 continue
+            users = [c for c in consumers.get(out, []) if c.op_type not in ("QuantizeLinear",)]
+            if users and all(c.op_type in CLAMPS for c in users) and _clamps_at_zero(q, cand) and \
+                    ref_name(users[0].output[0]) is not None:
+                src = ref_name(users[0].output[0])  # a range fused with the clamp after it: the Q/DQ already clamps
             pairs[out] = src
             pre = q.input[0]
             if ref_name(pre) is not None:
                 pairs[pre] = ref_name(pre)
-            users = [c for c in consumers.get(out, []) if c.op_type not in ("QuantizeLinear",)]
             rows.append(LayerRow(out, src, "quantized", ", ".join(c.name for c in users[:3]),
                                  "Q/DQ", math.nan, math.nan, math.nan, inputs=[pre] if pre in pairs else []))
         elif n.op_type in LAYER_OPS and n.output and ref_name(n.output[0]) is not None:
@@ -242,6 +246,17 @@ def plan_rows(ref: onnx.ModelProto, cand: onnx.ModelProto) -> tuple[list[LayerRo
             rows.append(LayerRow(out, pairs[out], "layer", n.name, n.op_type, math.nan, math.nan, math.nan,
                                  inputs=ins))
     return rows, pairs
+
+
+def _clamps_at_zero(q: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    """Whether a QuantizeLinear's lowest representable value is 0 (its zero point is the type's minimum)."""
+    if len(q.input) < 3:
+        return True  # default zero point: uint8 0
+    init = next((i for i in model.graph.initializer if i.name == q.input[2]), None)
+    if init is None:
+        return False
+    zp = onnx.numpy_helper.to_array(init)
+    return zp.size == 1 and np.issubdtype(zp.dtype, np.integer) and int(zp.reshape(-1)[0]) == np.iinfo(zp.dtype).min
 
 
 def _finish(rows: list[LayerRow], acc: dict[str, ErrorAccumulator], samples: int, ref: str, cand: str):

@@ -81,3 +81,20 @@ def test_cli_debug(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "error jumps at" in out and len(out.strip().splitlines()) == 5
     assert json.loads((tmp_path / "x.json").read_text())["samples"] == 1
+
+
+def test_a_range_fused_with_the_following_relu_is_compared_after_the_relu(tmp_path):
+    """ort-cpu quantizes a Conv output with the Relu's range (uint8, zero point 0): the Q/DQ output already clamps,
+    so it is compared with the FP32 Relu output, not with the (negative-valued) Conv output."""
+    from conftest import make_cnn
+
+    from edgeq.api import quantize
+
+    rng = np.random.default_rng(0)
+    ref, calib = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    onnx.save(make_cnn(with_bn=False), str(ref))
+    np.savez(calib, x=rng.normal(size=(8, 3, 8, 8)).astype(np.float32))
+    quantize(ref, target="ort-cpu", calib=calib, output=tmp_path / "q.onnx")
+    res = debug(ref, tmp_path / "q.onnx", data=str(calib), max_samples=4)
+    row = next(r for r in res.rows if r.tensor == "c1/dequantized")
+    assert row.reference_tensor == "r1" and row.sqnr_db > 25.0
