@@ -188,6 +188,16 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
         if stats is not None:
             calib_stats.save(stats)
     timings["calibrate_s"] = time.perf_counter() - start
+    moments = None
+    if profile.weights.rounding == "gptq":
+        from edgeq.calibration.moments import collect_moments
+        from edgeq.precision import name_all_nodes
+
+        start = time.perf_counter()
+        canonical = name_all_nodes(canonical)  # moments are keyed by the node names insert_qdq will see
+        moments = collect_moments(canonical, calib_hash.stream, seed=seed, total=calib_data.length,
+                                  progress=progress_printer("measuring layer inputs") if progress else None)
+        timings["input_moments_s"] = time.perf_counter() - start
     if large:
         release_memory()
 
@@ -198,14 +208,15 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
         start = time.perf_counter()
         canonical, fallback_result = fallback_for_pipeline(canonical, profile, calib_stats, calib_data,
                                                            fallback=fallback, time_limit_s=time_limit_s,
-                                                           base_plan=precision_plan, template=original)
+                                                           base_plan=precision_plan, template=original,
+                                                           moments=moments)
         precision_plan = fallback_result.plan
         timings["fallback_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     graph = to_graph(canonical)
     manager.run(graph, [make_pass("insert_qdq")],
-                PassContext(profile=profile, stats=calib_stats, precision=precision_plan))
+                PassContext(profile=profile, stats=calib_stats, precision=precision_plan, moments=moments))
     qmodel = to_model(graph, original)
     del graph
     if large:

@@ -51,6 +51,7 @@ class PassContext:
     profile: Any = None  # edgeq.profiles.TargetProfile
     stats: Any = None  # edgeq.calibration.stats.CalibrationStats
     precision: Any = None  # edgeq.precision.PrecisionPlan
+    moments: Any = None  # edgeq.calibration.moments.MomentSet (weights.rounding: gptq)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

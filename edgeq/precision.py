@@ -243,13 +243,13 @@ class FallbackResult:
 
 
 def quantize_with_plan(canonical: onnx.ModelProto, profile, stats, plan: PrecisionPlan | None,
-                       template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+                       template: onnx.ModelProto | None = None, moments=None) -> onnx.ModelProto:
     """Run only insert_qdq on the (named, canonical) model with the given plan."""
     from edgeq.ir import to_graph, to_model
     from edgeq.pass_base import PassContext, make_pass
 
     graph = to_graph(canonical)
-    make_pass("insert_qdq").run(graph, PassContext(profile=profile, stats=stats, precision=plan))
+    make_pass("insert_qdq").run(graph, PassContext(profile=profile, stats=stats, precision=plan, moments=moments))
     return to_model(graph, template or canonical)
 
 
@@ -269,7 +269,7 @@ def name_all_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def auto_fallback(canonical: onnx.ModelProto, profile, stats, feeds: Sequence[dict], *,
                   options: FallbackOptions = FallbackOptions(), base_plan: PrecisionPlan | None = None,
-                  template: onnx.ModelProto | None = None) -> FallbackResult:
+                  template: onnx.ModelProto | None = None, moments=None) -> FallbackResult:
     """Keep the fewest, most sensitive compute layers of ``canonical`` in float until the budget is met."""
     start = time.perf_counter()
     deadline = start + options.time_limit_s
@@ -286,7 +286,7 @@ def auto_fallback(canonical: onnx.ModelProto, profile, stats, feeds: Sequence[di
         from edgeq.model_io import ensure_opset
 
         canonical = ensure_opset(canonical, 21, why="16-bit activations for the layers the fallback widens")
-    build = lambda plan: quantize_with_plan(canonical, profile, stats, plan, template)  # noqa: E731
+    build = lambda plan: quantize_with_plan(canonical, profile, stats, plan, template, moments)  # noqa: E731
     relax = (lambda plan, names: PrecisionPlan(plan.float_nodes, plan.wide_nodes | set(names))) if wide else \
         (lambda plan, names: plan.with_float(names))
     model = build(base)
@@ -445,7 +445,7 @@ def _finite(v: float) -> float | None:
 def fallback_for_pipeline(canonical: onnx.ModelProto, profile, stats, calib_data, *,
                           fallback: "bool | FallbackOptions", time_limit_s: float | None = None,
                           base_plan: PrecisionPlan | None = None, template: onnx.ModelProto | None = None,
-                          ) -> tuple[onnx.ModelProto, FallbackResult]:
+                          moments=None) -> tuple[onnx.ModelProto, FallbackResult]:
     """What ``edgeq.api.quantize(fallback=...)`` runs: the named canonical model and the fallback result."""
     import itertools
 
@@ -461,4 +461,4 @@ def fallback_for_pipeline(canonical: onnx.ModelProto, profile, stats, calib_data
     if not feeds:
         raise EdgeqError("automatic fallback needs calibration samples to score candidates")
     return named, auto_fallback(named, profile, stats, feeds, options=options, base_plan=base_plan,
-                                template=template)
+                                template=template, moments=moments)

@@ -53,7 +53,9 @@ class WeightSpec:
     per_channel_ops: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
     block_size: int = 0  # >0: blockwise along the reduction axis (int4 weight-only)
     bias: Literal["float", "int32"] = "float"
-    observer: Literal["minmax", "mse"] = "minmax"
+    # "nearest": round each weight on its own; "gptq": choose the integers that minimise each layer's output
+    # error on the calibration data (edgeq.rounding; same scales, one more pass over the data)
+    rounding: Literal["nearest", "gptq"] = "nearest"
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 0, f"block_size must be 0 (off) or a positive block length, got {self.block_size}")

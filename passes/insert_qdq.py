@@ -34,6 +34,7 @@ from edgeq.op_tables import (BIAS_INPUTS, MASK_PROPAGATING, NEVER_QUANTIZED, SCA
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 from edgeq.quant_math import (INT_TYPES, activation_params, is_float8, levels, quantize_weight,
                               required_opset, requantize_for_bias)
+from edgeq.rounding import gptq_round, search_block_scales
 
 # Largest int32 bias magnitude written: one bit of headroom for the accumulation it is added to.
 BIAS_LIMIT = 2**30
@@ -68,7 +69,7 @@ class InsertQdqPass(GraphPass):
         result = PassResult()
         plan = _Planner(self, graph, profile, stats, ctx.precision, result)
         acts, weights = plan.plan()
-        _Rewriter(graph, profile, result).apply(acts, weights, plan.params_of)
+        _Rewriter(graph, profile, result, ctx.moments).apply(acts, weights, plan.params_of)
         result.changed = result.rewrites > 0
         result.notes.update(quantized_activations=len(acts), quantized_weights=len(weights))
         return result
@@ -339,8 +340,10 @@ def flushed_fraction(obs, half_step: float) -> float:
 
 
 class _Rewriter:
-    def __init__(self, graph: gs.Graph, profile, result: PassResult):
+    def __init__(self, graph: gs.Graph, profile, result: PassResult, moments=None):
         self.graph, self.profile, self.result = graph, profile, result
+        self.moments = moments if profile.weights.rounding == "gptq" else None
+        self.gptq_ratios: list[float] = []
         self.weight_cache: dict[tuple, gs.Variable] = {}
 
     def apply(self, acts: dict[str, ActQuant], weights, params_of):
@@ -356,6 +359,9 @@ class _Rewriter:
                 self._const_activation(node, idx)
             elif kind == "bias":
                 self._bias(node, idx)
+        if self.gptq_ratios:  # layer output error of the chosen integers relative to round-to-nearest
+            self.result.notes.update(gptq_rounded_weights=len(self.gptq_ratios),
+                                     gptq_median_error_ratio=round(float(np.median(self.gptq_ratios)), 4))
 
     def _qdq_constants(self, base: str, scale, zp, dtype: str):
         s = gs.Constant(f"{base}/scale", np.asarray(scale, dtype=np.float32))
@@ -411,6 +417,7 @@ class _Rewriter:
         key = (t.name, axis, block)
         if key not in self.weight_cache:
             qw = quantize_weight(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block)
+            qw = self._round_for_layer(node, t, w, qw)
             if is_float8(spec.dtype) or INT_TYPES[spec.dtype].np_dtype is None:
                 qt = narrow_constant(f"{t.name}/quantized", qw.q, spec.dtype)
             else:
@@ -427,6 +434,21 @@ class _Rewriter:
             self.weight_cache[key] = out
             self.result.rewrites += 1
         node.inputs[idx] = self.weight_cache[key]
+
+    def _round_for_layer(self, node: gs.Node, t: gs.Tensor, w: np.ndarray, qw):
+        """Error-compensating rounding (weights.rounding: gptq) where the layer's input moments were measured."""
+        layer = self.moments.get(node.name) if self.moments is not None else None
+        if layer is None or len(t.outputs) != 1 or layer.op != node.op:
+            return qw
+        key = (node.name, t.name, qw.axis, qw.block_size, qw.dtype, qw.scale.tobytes())
+        if key not in self.moments.rounded:
+            searched = search_block_scales(w, qw, op=node.op, attrs=node.attrs, moments=layer)  # int4 blocks
+            rounded, ratio = gptq_round(w, searched, op=node.op, attrs=node.attrs, moments=layer)
+            self.moments.rounded[key] = (rounded if ratio < 1.0 else searched, ratio)
+        rounded, ratio = self.moments.rounded[key]
+        if ratio < 1.0:
+            self.gptq_ratios.append(ratio)
+        return rounded
 
     def _const_activation(self, node: gs.Node, idx: int) -> None:
         t = node.inputs[idx]

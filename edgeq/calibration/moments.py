@@ -1,0 +1,193 @@
+"""Second moments of the inputs of weighted layers, for error-compensating weight rounding (GPTQ-style).
+
+For a layer ``y = W x`` the output error of a quantized weight ``Q`` is ``(Q - W) H (Q - W)ᵀ`` with
+``H = Σ x xᵀ`` over the calibration rows; :func:`edgeq.rounding.gptq_round` chooses integer weights that minimise
+it. This module measures ``H`` per layer in a streaming pass over the calibration data (float model, ONNX
+Runtime CPU): one row per token for MatMul/Gemm, one unfolded receptive field per output position (and group) for
+Conv. Rows are subsampled per sample to bound the cost; the matrices are float64 sums with the row count kept.
+
+Layers whose reduction length exceeds ``max_reduction`` or that would exceed the memory budget are left out
+(their weights are rounded to nearest) and reported in :attr:`MomentSet.skipped`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from edgeq.errors import CalibrationDataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerMoments:
+    """``matrix[g]`` is ``Σ x xᵀ`` over the rows seen by group ``g`` (one group except for grouped Conv)."""
+
+    node: str
+    op: str
+    matrix: np.ndarray  # (groups, K, K) float64
+    rows: int = 0
+
+
+@dataclass
+class MomentSet:
+    layers: dict[str, LayerMoments] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # node name -> reason
+    samples: int = 0
+    # rounding results by (node, weight layout): insert_qdq reruns per fallback trial, the rounding need not
+    rounded: dict[tuple, Any] = field(default_factory=dict)
+
+    def get(self, node_name: str) -> LayerMoments | None:
+        m = self.layers.get(node_name)
+        return m if m is not None and m.rows > 0 else None
+
+
+@dataclass(frozen=True)
+class _Layer:
+    node: onnx.NodeProto
+    groups: int
+    reduction: int
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _weighted_layers(model: onnx.ModelProto, max_reduction: int, budget_bytes: int,
+                     skipped: dict[str, str]) -> list[_Layer]:
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    layers, used = [], 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in shapes:
+            continue
+        if node.input[0] in shapes:
+            continue  # constant input: nothing to measure
+        w, attrs = shapes[node.input[1]], _attrs(node)
+        if uses.get(node.input[1], 0) != 1:
+            skipped[node.name] = "weight shared by several nodes"
+            continue
+        if node.op_type == "Conv":
+            if len(w) not in (3, 4):
+                skipped[node.name] = f"{len(w) - 2}-D convolution"
+                continue
+            groups, k = int(attrs.get("group", 1)), int(np.prod(w[1:]))
+        elif len(w) != 2 or (node.op_type == "Gemm" and attrs.get("transA", 0)):
+            skipped[node.name] = "weight is not a 2-D matrix on the right"
+            continue
+        else:
+            groups, k = 1, w[1] if node.op_type == "Gemm" and attrs.get("transB", 0) else w[0]
+        if k > max_reduction:
+            skipped[node.name] = f"reduction length {k} > {max_reduction}"
+            continue
+        cost = groups * k * k * 8
+        if used + cost > budget_bytes:
+            skipped[node.name] = "input moments exceed the memory budget"
+            continue
+        used += cost
+        layers.append(_Layer(node, groups, int(k)))
+    return layers
+
+
+def _conv_pads(attrs: dict, spatial: tuple[int, ...], kernel: tuple[int, ...], strides, dilations) -> list[int]:
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    n = len(spatial)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * n)
+        for i in range(n):
+            out = -(-spatial[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial[i])
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + n] = (small, big) if auto == "SAME_UPPER" else (big, small)
+        return pads
+    if auto == "VALID":
+        return [0] * (2 * n)
+    return list(attrs.get("pads", [0] * (2 * n)))
+
+
+def conv_rows(x: np.ndarray, attrs: dict, weight_shape: tuple[int, ...]) -> np.ndarray:
+    """Unfolded Conv input: (groups, positions, K) with K ordered like ``weight[o].ravel()`` (channel, kernel)."""
+    squeeze = x.ndim == 3
+    if squeeze:  # 1-D convolution as 2-D with height 1
+        x = x[:, :, None, :]
+        weight_shape = (*weight_shape[:2], 1, weight_shape[2])
+    kernel = tuple(weight_shape[2:])
+    n_sp = 2
+    strides = list(attrs.get("strides", [1] * (n_sp - squeeze)))
+    dilations = list(attrs.get("dilations", [1] * (n_sp - squeeze)))
+    pads = _conv_pads(attrs, x.shape[2 + squeeze:], kernel[squeeze:], strides, dilations)
+    if squeeze:
+        strides, dilations, pads = [1] + strides, [1] + dilations, [0, pads[0], 0, pads[1]]
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, c, h, w = x.shape
+    oh = (h - (kernel[0] - 1) * dilations[0] - 1) // strides[0] + 1
+    ow = (w - (kernel[1] - 1) * dilations[1] - 1) // strides[1] + 1
+    cols = np.empty((n, c, kernel[0], kernel[1], oh, ow), np.float32)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            hi, wj = i * dilations[0], j * dilations[1]
+            cols[:, :, i, j] = x[:, :, hi:hi + strides[0] * (oh - 1) + 1:strides[0],
+                                 wj:wj + strides[1] * (ow - 1) + 1:strides[1]]
+    groups = int(attrs.get("group", 1))
+    k = c // groups * kernel[0] * kernel[1]
+    return cols.reshape(n, groups, k, oh * ow).transpose(1, 0, 3, 2).reshape(groups, -1, k)
+
+
+def _rows(layer: _Layer, x: np.ndarray, weight_shape) -> np.ndarray:
+    if layer.node.op_type == "Conv":
+        return conv_rows(np.asarray(x, np.float32), _attrs(layer.node), weight_shape)
+    return np.asarray(x, np.float32).reshape(1, -1, layer.reduction)
+
+
+def collect_moments(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]], *,
+                    rows_per_sample: int = 4096, max_reduction: int = 4096, budget_bytes: int = 1 << 30,
+                    seed: int = 0, progress: Callable[[int, int | None], None] | None = None,
+                    total: int | None = None) -> MomentSet:
+    """Measure ``Σ x xᵀ`` of every eligible Conv/MatMul/Gemm input of ``model`` over ``data``."""
+    from edgeq.calibration.calibrate import make_session
+
+    result = MomentSet()
+    layers = _weighted_layers(model, max_reduction, budget_bytes, result.skipped)
+    if not layers:
+        return result
+    wshape = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    inputs = sorted({layer.node.input[0] for layer in layers})
+    session = make_session(model, outputs=inputs)
+    for layer in layers:
+        result.layers[layer.node.name] = LayerMoments(
+            layer.node.name, layer.node.op_type, np.zeros((layer.groups, layer.reduction, layer.reduction)))
+    rng = np.random.default_rng(seed)
+    for feed in data:
+        try:
+            values = dict(zip(inputs, session.run(inputs, feed)))
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0][:300]
+            raise CalibrationDataError(f"running the model on calibration sample {result.samples} failed: "
+                                       f"{msg}") from None
+        for layer in layers:
+            rows = _rows(layer, values[layer.node.input[0]], wshape[layer.node.input[1]])
+            if rows.shape[1] > rows_per_sample:
+                rows = rows[:, rng.choice(rows.shape[1], rows_per_sample, replace=False)]
+            if not np.all(np.isfinite(rows)):
+                continue
+            rows = rows.astype(np.float64)  # float32 sums overflow on inputs near its range
+            acc = result.layers[layer.node.name]
+            acc.matrix += np.matmul(rows.transpose(0, 2, 1), rows)
+            acc.rows += rows.shape[1]
+        del values
+        result.samples += 1
+        if progress:
+            progress(result.samples, total)
+    log.info("measured input moments of %d layers on %d samples", len(layers), result.samples)
+    return result
+
