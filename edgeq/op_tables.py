@@ -70,3 +70,20 @@ def reduction_axis(op: str, attrs: dict, rank: int) -> int | None:
     if op == "MatMul":
         return rank - 2 if rank >= 2 else None
     return None
+
+
+def conv_pads(auto_pad: str, pads, in_sizes, kernel, strides, dilations) -> list[tuple[int, int]]:
+    """(begin, end) padding per spatial dimension of a Conv/pooling node, with ONNX ``auto_pad`` resolved."""
+    n = len(kernel)
+    if auto_pad in ("NOTSET", ""):
+        flat = list(pads) if pads is not None else [0] * 2 * n
+        return [(int(flat[i]), int(flat[i + n])) for i in range(n)]
+    if auto_pad == "VALID":
+        return [(0, 0)] * n
+    result = []
+    for size, k, s, d in zip(in_sizes, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small = total // 2
+        result.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
+    return result

@@ -88,6 +88,21 @@ def quantize_array(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: str)
     return q.astype(np.int32 if r.np_dtype is None else r.np_dtype)
 
 
+def broadcast_params(scale: np.ndarray, zero_point: np.ndarray, *, axis: int | None, block_size: int,
+                     shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor, per-channel (``axis``) or blockwise (``block_size`` along ``axis``) scale and zero point,
+    broadcastable to a weight of ``shape``."""
+    scale, zero_point = np.asarray(scale), np.asarray(zero_point)
+    if block_size:
+        cut = tuple(slice(0, d) for d in shape)
+        return (np.repeat(scale, block_size, axis=axis)[cut], np.repeat(zero_point, block_size, axis=axis)[cut])
+    if axis is not None:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return scale.reshape(view), zero_point.reshape(view)
+    return scale, zero_point
+
+
 @dataclass
 class QuantizedWeight:
     q: np.ndarray  # integer values (int32 holder for 4-bit types)
@@ -98,16 +113,8 @@ class QuantizedWeight:
     dtype: str
 
     def dequantize(self) -> np.ndarray:
-        s, z = self.scale, self.zero_point
-        if is_float8(self.dtype):
-            z = np.zeros_like(s)
-        if self.block_size:
-            s = np.repeat(s, self.block_size, axis=self.axis)[tuple(slice(0, d) for d in self.q.shape)]
-            z = np.repeat(z, self.block_size, axis=self.axis)[tuple(slice(0, d) for d in self.q.shape)]
-        elif self.axis is not None:
-            shape = [1] * self.q.ndim
-            shape[self.axis] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
+        z = np.zeros_like(self.scale) if is_float8(self.dtype) else self.zero_point
+        s, z = broadcast_params(self.scale, z, axis=self.axis, block_size=self.block_size, shape=self.q.shape)
         return ((self.q.astype(np.float64) - z) * s).astype(np.float32)
 
 
@@ -145,15 +152,7 @@ def quantize_weight(w: np.ndarray, dtype: str, *, symmetric: bool = True, axis: 
         safe = np.where(scale > 0, scale, 1.0)
         zp = np.clip(np.round(r.qmin - lo / safe), r.qmin, r.qmax)
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    if block_size:
-        s_full = np.repeat(scale, block_size, axis=axis)[tuple(slice(0, d) for d in w.shape)]
-        z_full = np.repeat(zp, block_size, axis=axis)[tuple(slice(0, d) for d in w.shape)]
-    elif axis is not None:
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        s_full, z_full = scale.reshape(shape), zp.reshape(shape)
-    else:
-        s_full, z_full = scale, zp
+    s_full, z_full = broadcast_params(scale, zp, axis=axis, block_size=block_size, shape=w.shape)
     q = np.clip(np.round(w / s_full) + z_full, r.qmin, r.qmax)
     holder = np.int32 if r.np_dtype is None else r.np_dtype
     zp_arr = zp.astype(holder)

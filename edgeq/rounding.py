@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from edgeq.calibration.moments import LayerMoments
-from edgeq.quant_math import INT_TYPES, QuantizedWeight, is_float8
+from edgeq.quant_math import INT_TYPES, QuantizedWeight, broadcast_params, is_float8
 
 # Relative diagonal damping of H: GPTQ uses 0.01 with 128 x 2048 tokens; calibration sets here are smaller
 # (tens of images), where 0.1 generalises better to held-out data.
@@ -47,16 +47,9 @@ def _from_rows(op: str, attrs: dict, rows: np.ndarray, shape: tuple[int, ...]) -
 
 
 def full_params(qw: QuantizedWeight, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point broadcast to the weight's shape."""
-    s, z = np.asarray(qw.scale, np.float64), np.asarray(qw.zero_point, np.float64)
-    if qw.block_size:
-        cut = tuple(slice(0, d) for d in shape)
-        s = np.repeat(s, qw.block_size, axis=qw.axis)[cut]
-        z = np.repeat(z, qw.block_size, axis=qw.axis)[cut]
-    elif qw.axis is not None:
-        view = [1] * len(shape)
-        view[qw.axis] = -1
-        s, z = s.reshape(view), z.reshape(view)
+    """Scale and zero point broadcast to the weight's full shape (float64)."""
+    s, z = broadcast_params(np.asarray(qw.scale, np.float64), np.asarray(qw.zero_point, np.float64),
+                            axis=qw.axis, block_size=qw.block_size, shape=shape)
     return np.broadcast_to(s, shape), np.broadcast_to(z, shape)
 
 
@@ -127,7 +120,7 @@ def search_block_scales(w: np.ndarray, qw: QuantizedWeight, *, op: str, attrs: d
     scale = (best_scale.T if qw.axis == 0 else best_scale).astype(np.float32)
     if scale.shape != np.asarray(qw.scale).shape:
         return qw
-    s_full = np.repeat(scale, bs, axis=qw.axis)[tuple(slice(0, d) for d in w.shape)]
+    s_full, _ = broadcast_params(scale, qw.zero_point, axis=qw.axis, block_size=bs, shape=w.shape)
     q = np.clip(np.round(w / s_full), r.qmin, r.qmax).astype(qw.q.dtype)
     return replace(qw, q=q, scale=scale)
 

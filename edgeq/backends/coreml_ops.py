@@ -6,7 +6,6 @@ shapes, so Core ML never has to guess which side gets the odd pixel.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
@@ -21,24 +20,12 @@ from edgeq.backends.coreml_context import (
     translates,
 )
 from edgeq.backends.coreml_quant import QuantizedWeight
+from edgeq.op_tables import conv_pads
 
 
 def _spatial_pads(ctx: LoweringContext, in_sizes, kernel, strides, dilations) -> list[tuple[int, int]]:
     """(begin, end) padding per spatial dimension, with ONNX auto_pad resolved."""
-    auto_pad = ctx.attr("auto_pad", "NOTSET")
-    n = len(kernel)
-    if auto_pad in ("NOTSET", ""):
-        pads = list(ctx.attr("pads", [0] * 2 * n))
-        return [(int(pads[i]), int(pads[i + n])) for i in range(n)]
-    if auto_pad == "VALID":
-        return [(0, 0)] * n
-    result = []
-    for size, k, s, d in zip(in_sizes, kernel, strides, dilations):
-        out = math.ceil(size / s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
-        small = total // 2
-        result.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
-    return result
+    return conv_pads(ctx.attr("auto_pad", "NOTSET"), ctx.attr("pads"), in_sizes, kernel, strides, dilations)
 
 
 def _flat(pads: list[tuple[int, int]]) -> list[int]:

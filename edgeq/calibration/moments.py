@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from edgeq.errors import CalibrationDataError
+from edgeq.op_tables import conv_pads
 
 log = logging.getLogger(__name__)
 
@@ -98,37 +99,19 @@ def _weighted_layers(model: onnx.ModelProto, max_reduction: int, budget_bytes: i
     return layers
 
 
-def _conv_pads(attrs: dict, spatial: tuple[int, ...], kernel: tuple[int, ...], strides, dilations) -> list[int]:
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    n = len(spatial)
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * n)
-        for i in range(n):
-            out = -(-spatial[i] // strides[i])
-            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial[i])
-            small, big = total // 2, total - total // 2
-            pads[i], pads[i + n] = (small, big) if auto == "SAME_UPPER" else (big, small)
-        return pads
-    if auto == "VALID":
-        return [0] * (2 * n)
-    return list(attrs.get("pads", [0] * (2 * n)))
-
-
 def conv_rows(x: np.ndarray, attrs: dict, weight_shape: tuple[int, ...]) -> np.ndarray:
     """Unfolded Conv input: (groups, positions, K) with K ordered like ``weight[o].ravel()`` (channel, kernel)."""
-    squeeze = x.ndim == 3
-    if squeeze:  # 1-D convolution as 2-D with height 1
-        x = x[:, :, None, :]
-        weight_shape = (*weight_shape[:2], 1, weight_shape[2])
     kernel = tuple(weight_shape[2:])
-    n_sp = 2
-    strides = list(attrs.get("strides", [1] * (n_sp - squeeze)))
-    dilations = list(attrs.get("dilations", [1] * (n_sp - squeeze)))
-    pads = _conv_pads(attrs, x.shape[2 + squeeze:], kernel[squeeze:], strides, dilations)
-    if squeeze:
-        strides, dilations, pads = [1] + strides, [1] + dilations, [0, pads[0], 0, pads[1]]
-    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n_sp = len(kernel)
+    strides = list(attrs.get("strides", [1] * n_sp))
+    dilations = list(attrs.get("dilations", [1] * n_sp))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    pads = conv_pads(auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad, attrs.get("pads"),
+                     x.shape[2:], kernel, strides, dilations)
+    if n_sp == 1:  # a 1-D convolution as 2-D with height 1
+        x, kernel = x[:, :, None, :], (1, *kernel)
+        strides, dilations, pads = [1, *strides], [1, *dilations], [(0, 0), *pads]
+    x = np.pad(x, ((0, 0), (0, 0), *pads))
     n, c, h, w = x.shape
     oh = (h - (kernel[0] - 1) * dilations[0] - 1) // strides[0] + 1
     ow = (w - (kernel[1] - 1) * dilations[1] - 1) // strides[1] + 1
