@@ -24,9 +24,6 @@ from edgeq.quant_math import INT_TYPES, QuantizedWeight, broadcast_params, is_fl
 # (tens of images), where 0.1 generalises better to held-out data.
 DAMPING = 0.1
 BLOCK = 128
-# Input rows needed per reduction input: a decoder step calibrated on ~100 tokens (K = 384..1536) got worse
-# transcripts with the compensation than without; image layers (thousands of positions) gain.
-MIN_ROWS_PER_INPUT = 1
 
 
 def _to_rows(op: str, attrs: dict, a: np.ndarray, groups: int) -> np.ndarray:
@@ -106,16 +103,10 @@ def search_block_scales(w: np.ndarray, qw: QuantizedWeight, *, op: str, attrs: d
     wb = np.pad(rows, ((0, 0), (0, pad))).reshape(rows.shape[0], -1, bs)  # (R, blocks, bs)
     eb = np.pad(energy, (0, pad)).reshape(-1, bs)  # (blocks, bs)
     amax = np.abs(wb).max(axis=2)
-    best_err, best_scale = None, None
-    for ratio in CLIP_RATIOS:
-        scale = np.where(amax > 0, amax * ratio / r.qmax, 1.0)
-        deq = np.clip(np.round(wb / scale[..., None]), r.qmin, r.qmax) * scale[..., None]
-        err = np.sum((deq - wb) ** 2 * eb[None], axis=2)
-        if best_err is None:
-            best_err, best_scale = err, scale
-        else:
-            better = err < best_err
-            best_err, best_scale = np.where(better, err, best_err), np.where(better, scale, best_scale)
+    candidates = np.where(amax > 0, amax, r.qmax)[None] * CLIP_RATIOS[:, None, None] / r.qmax  # (ratios, R, blocks)
+    errors = [np.sum((np.clip(np.round(wb / c[..., None]), r.qmin, r.qmax) * c[..., None] - wb) ** 2 * eb, axis=2)
+              for c in candidates]
+    best_scale = np.take_along_axis(candidates, np.argmin(errors, axis=0)[None], axis=0)[0]
     # back to the weight's scale layout: blocks along the reduction axis
     scale = (best_scale.T if qw.axis == 0 else best_scale).astype(np.float32)
     if scale.shape != np.asarray(qw.scale).shape:
@@ -129,8 +120,10 @@ def gptq_round(w: np.ndarray, qw: QuantizedWeight, *, op: str, attrs: dict, mome
                damping: float = DAMPING) -> tuple[QuantizedWeight, float]:
     """``qw`` with its integers re-chosen to minimise the layer's output error; also the error ratio
     (new / round-to-nearest, on the calibration moments; 1.0 where the nearest rounding was kept)."""
-    if is_float8(qw.dtype) or moments.rows < MIN_ROWS_PER_INPUT * moments.matrix.shape[1]:
-        return qw, 1.0  # fewer rows than inputs: H is rank-deficient and the compensation overfits
+    if is_float8(qw.dtype) or moments.rows < moments.matrix.shape[1]:
+        # fewer rows than inputs: H is rank-deficient and the compensation overfits (a decoder step calibrated
+        # on ~100 tokens gave worse transcripts with it); image layers (thousands of positions) gain
+        return qw, 1.0
     r = INT_TYPES[qw.dtype]
     groups = moments.matrix.shape[0]
     s_full, z_full = full_params(qw, w.shape)
