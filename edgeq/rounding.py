@@ -8,7 +8,8 @@ neighbouring pixels are correlated, the gain is largest (a 3x3 stem convolution:
 
 The scales and zero points are those of round-to-nearest (:func:`edgeq.quant_math.quantize_weight`), so the
 graph, the dtypes and the bias scales do not change, only the integers. The result is kept only where its
-``H``-weighted error is below round-to-nearest's.
+``H``-weighted error is below round-to-nearest's on calibration samples it was not fitted on (every second
+sample is held out): on a few hundred tokens the compensation can fit the calibration set and generalise worse.
 """
 
 from __future__ import annotations
@@ -118,31 +119,38 @@ def search_block_scales(w: np.ndarray, qw: QuantizedWeight, *, op: str, attrs: d
 
 def gptq_round(w: np.ndarray, qw: QuantizedWeight, *, op: str, attrs: dict, moments: LayerMoments,
                damping: float = DAMPING) -> tuple[QuantizedWeight, float]:
-    """``qw`` with its integers re-chosen to minimise the layer's output error; also the error ratio
-    (new / round-to-nearest, on the calibration moments; 1.0 where the nearest rounding was kept)."""
-    if is_float8(qw.dtype) or moments.rows < moments.matrix.shape[1]:
-        # fewer rows than inputs: H is rank-deficient and the compensation overfits (a decoder step calibrated
-        # on ~100 tokens gave worse transcripts with it); image layers (thousands of positions) gain
+    """``qw`` with its integers re-chosen to minimise the layer's output error; also the error ratio against
+    round-to-nearest on held-out calibration samples (1.0 where the nearest rounding was kept).
+
+    Per group, the rounding is fitted on the samples outside ``moments.holdout`` and kept only if it beats nearest
+    rounding on the held-out ones; the kept groups are then refitted on all samples."""
+    if is_float8(qw.dtype) or moments.holdout is None or not moments.holdout_rows:
         return qw, 1.0
+    k = moments.matrix.shape[1]
+    fit_rows = moments.rows - moments.holdout_rows
+    if fit_rows < k:
+        return qw, 1.0  # fewer rows than inputs: H is singular and the compensation can only overfit
     r = INT_TYPES[qw.dtype]
     groups = moments.matrix.shape[0]
     s_full, z_full = full_params(qw, w.shape)
     rows = _to_rows(op, attrs, np.asarray(w, np.float64), groups)
+    if rows.shape[2] != k:
+        return qw, 1.0
     s_rows, z_rows = _to_rows(op, attrs, s_full, groups), _to_rows(op, attrs, z_full, groups)
     q_rows = _to_rows(op, attrs, qw.q.astype(np.float64), groups)
-    if rows.shape[2] != moments.matrix.shape[1]:
-        return qw, 1.0
     new = q_rows.copy()
     before = after = 0.0
-    for g in range(groups):  # per group (a depthwise channel has its own): keep whichever rounding is better
-        h = moments.matrix[g] / max(moments.rows, 1)
-        cand = _gptq_group(rows[g], s_rows[g], z_rows[g], h, r.qmin, r.qmax, damping)
-        e_near = _weighted_error((q_rows[g] - z_rows[g]) * s_rows[g] - rows[g], h)
-        e_cand = _weighted_error((cand - z_rows[g]) * s_rows[g] - rows[g], h)
+    for g in range(groups):  # per group (a depthwise channel has its own)
+        fit = (moments.matrix[g] - moments.holdout[g]) / fit_rows
+        held = moments.holdout[g] / moments.holdout_rows
+        cand = _gptq_group(rows[g], s_rows[g], z_rows[g], fit, r.qmin, r.qmax, damping)
+        e_near = _weighted_error((q_rows[g] - z_rows[g]) * s_rows[g] - rows[g], held)
+        e_cand = _weighted_error((cand - z_rows[g]) * s_rows[g] - rows[g], held)
         before += e_near
-        if e_cand < e_near:
-            new[g] = cand
         after += min(e_cand, e_near)
+        if e_cand < e_near:
+            new[g] = _gptq_group(rows[g], s_rows[g], z_rows[g], moments.matrix[g] / moments.rows, r.qmin, r.qmax,
+                                 damping)
     if not after < before:
         return qw, 1.0
     q = _from_rows(op, attrs, new, w.shape).astype(qw.q.dtype)

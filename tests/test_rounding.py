@@ -54,6 +54,9 @@ def test_moments_are_the_exact_second_moments_of_the_layer_inputs():
     fc2 = moments.get("fc2")
     assert fc2 is not None and fc2.rows == 48 and fc2.matrix.shape == (1, 64, 64)
     np.testing.assert_allclose(fc2.matrix[0], xs.T.astype(np.float64) @ xs, rtol=1e-5, atol=1e-4)
+    held = xs[16:32].astype(np.float64)  # every second sample (here sample 1) is held out
+    assert fc2.holdout_rows == 16
+    np.testing.assert_allclose(fc2.holdout[0], held.T @ held, rtol=1e-5, atol=1e-4)
     # the attention MatMuls have no constant weight: not measured
     assert moments.get("scores") is None and moments.get("attn_v") is None
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"} <= set(moments.layers)
@@ -77,6 +80,16 @@ def test_shared_and_oversized_weights_are_skipped_with_a_reason():
                                "wide": "reduction length 16 > 8"}
 
 
+def _moments(x: np.ndarray):
+    """Moments of the rows of ``x`` as collect_moments keeps them, the second half held out."""
+    from edgeq.calibration.moments import LayerMoments
+
+    x = np.asarray(x, np.float64)
+    held = x[len(x) // 2:]
+    return LayerMoments("mm", "MatMul", (x.T @ x)[None], rows=len(x), holdout=(held.T @ held)[None],
+                        holdout_rows=len(held))
+
+
 def _correlated(rng, n, k):
     """Rows with strongly correlated features (like neighbouring pixels), where rounding jointly pays off."""
     base = rng.normal(size=(n, k)).cumsum(axis=1) / np.sqrt(np.arange(1, k + 1))
@@ -89,9 +102,7 @@ def test_gptq_round_lowers_the_output_error_on_held_out_inputs(dtype, block):
     k, n_out = 64, 48
     w = rng.normal(size=(k, n_out)).astype(np.float32)  # MatMul weight [K, N]
     calib, held_out = _correlated(rng, 4096, k), _correlated(rng, 4096, k)
-    from edgeq.calibration.moments import LayerMoments
-
-    moments = LayerMoments("mm", "MatMul", (calib.T.astype(np.float64) @ calib)[None], rows=len(calib))
+    moments = _moments(calib)
     axis = 0 if block else 1
     nearest = quantize_weight(w, dtype, symmetric=dtype != "uint8", axis=axis, block_size=block)
     rounded, ratio = gptq_round(w, nearest, op="MatMul", attrs={}, moments=moments)
@@ -116,9 +127,7 @@ def test_dead_inputs_keep_their_weights():
     w = rng.normal(size=(k, 8)).astype(np.float32)
     x = _correlated(rng, 512, k)
     x[:, 3] = 0.0
-    from edgeq.calibration.moments import LayerMoments
-
-    moments = LayerMoments("mm", "MatMul", (x.T.astype(np.float64) @ x)[None], rows=len(x))
+    moments = _moments(x)
     nearest = quantize_weight(w, "int8", axis=1)
     rounded, _ = gptq_round(w, nearest, op="MatMul", attrs={}, moments=moments)
     np.testing.assert_array_equal(rounded.q[3], nearest.q[3])
@@ -173,14 +182,13 @@ def test_quantize_with_gptq_rounding_same_graph_better_output(tmp_path):
 
 
 def test_block_scale_search_weights_the_error_by_input_energy():
-    from edgeq.calibration.moments import LayerMoments
     from edgeq.rounding import search_block_scales
 
     rng = np.random.default_rng(6)
     k, n_out, block = 64, 32, 16
     w = rng.standard_t(3, size=(k, n_out)).astype(np.float32)  # heavy tails: full-range scales waste levels
     x = rng.normal(size=(2048, k)) * rng.uniform(0.1, 3.0, k)  # some inputs carry far more energy
-    moments = LayerMoments("mm", "MatMul", (x.T @ x)[None], rows=len(x))
+    moments = _moments(x)
     nearest = quantize_weight(w, "int4", axis=0, block_size=block)
     searched = search_block_scales(w, nearest, op="MatMul", attrs={}, moments=moments)
     assert searched.scale.shape == nearest.scale.shape and np.all(searched.scale <= nearest.scale + 1e-12)
@@ -202,7 +210,30 @@ def test_too_few_calibration_rows_keep_nearest_rounding():
     k = 64
     w = rng.normal(size=(k, 16)).astype(np.float32)
     x = _correlated(rng, k // 2, k)  # 32 rows for 64 inputs: H is singular
-    moments = LayerMoments("mm", "MatMul", (x.T.astype(np.float64) @ x)[None], rows=len(x))
+    moments = _moments(x)
     nearest = quantize_weight(w, "int8", axis=1)
     rounded, ratio = gptq_round(w, nearest, op="MatMul", attrs={}, moments=moments)
     assert rounded is nearest and ratio == 1.0
+
+
+def test_a_rounding_that_does_not_generalise_to_held_out_samples_is_rejected():
+    """Fitted where pairs of inputs always agree, the compensation moves error into the twin input; on held-out
+    samples where the twins disagree that doubles the error, so nearest rounding is kept."""
+    from edgeq.calibration.moments import LayerMoments
+
+    rng = np.random.default_rng(8)
+    k = 32
+    w = rng.normal(size=(k, 16)).astype(np.float32)
+    base = rng.normal(size=(2048, k // 2))
+    fit = np.repeat(base, 2, axis=1)  # x[2i] == x[2i + 1]
+    held = np.repeat(base, 2, axis=1) * np.tile([1.0, -1.0], k // 2)  # x[2i] == -x[2i + 1]
+    both = np.concatenate([fit, held])
+    moments = LayerMoments("mm", "MatMul", (both.T @ both)[None], rows=len(both), holdout=(held.T @ held)[None],
+                           holdout_rows=len(held))
+    nearest = quantize_weight(w, "int8", axis=1)
+    rounded, ratio = gptq_round(w, nearest, op="MatMul", attrs={}, moments=moments)
+    assert rounded is nearest and ratio == 1.0
+    # the same fit checked on samples like it is kept
+    same = LayerMoments("mm", "MatMul", 2 * (fit.T @ fit)[None], rows=2 * len(fit), holdout=(fit.T @ fit)[None],
+                        holdout_rows=len(fit))
+    assert gptq_round(w, nearest, op="MatMul", attrs={}, moments=same)[1] < 0.8

@@ -28,12 +28,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LayerMoments:
-    """``matrix[g]`` is ``Σ x xᵀ`` over the rows seen by group ``g`` (one group except for grouped Conv)."""
+    """``matrix[g]`` is ``Σ x xᵀ`` over the rows seen by group ``g`` (one group except for grouped Conv);
+    ``holdout`` is the part of that sum from every second calibration sample, so that a rounding fitted on the
+    other samples can be checked on data it did not see."""
 
     node: str
     op: str
     matrix: np.ndarray  # (groups, K, K) float64
     rows: int = 0
+    holdout: np.ndarray | None = None  # (groups, K, K), included in matrix
+    holdout_rows: int = 0
 
 
 @dataclass
@@ -90,7 +94,7 @@ def _weighted_layers(model: onnx.ModelProto, max_reduction: int, budget_bytes: i
         if k > max_reduction:
             skipped[node.name] = f"reduction length {k} > {max_reduction}"
             continue
-        cost = groups * k * k * 8
+        cost = 2 * groups * k * k * 8  # the sum and its held-out part
         if used + cost > budget_bytes:
             skipped[node.name] = "input moments exceed the memory budget"
             continue
@@ -147,8 +151,9 @@ def collect_moments(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]
     inputs = sorted({layer.node.input[0] for layer in layers})
     session = make_session(model, outputs=inputs)
     for layer in layers:
-        result.layers[layer.node.name] = LayerMoments(
-            layer.node.name, layer.node.op_type, np.zeros((layer.groups, layer.reduction, layer.reduction)))
+        shape = (layer.groups, layer.reduction, layer.reduction)
+        result.layers[layer.node.name] = LayerMoments(layer.node.name, layer.node.op_type, np.zeros(shape),
+                                                      holdout=np.zeros(shape))
     rng = np.random.default_rng(seed)
     for feed in data:
         try:
@@ -165,8 +170,12 @@ def collect_moments(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]
                 continue
             rows = rows.astype(np.float64)  # float32 sums overflow on inputs near its range
             acc = result.layers[layer.node.name]
-            acc.matrix += np.matmul(rows.transpose(0, 2, 1), rows)
+            product = np.matmul(rows.transpose(0, 2, 1), rows)
+            acc.matrix += product
             acc.rows += rows.shape[1]
+            if result.samples % 2:
+                acc.holdout += product
+                acc.holdout_rows += rows.shape[1]
         del values
         result.samples += 1
         if progress:
