@@ -30,7 +30,7 @@ from edgeq.report import SCHEMA, SampleDigest, sha256_file, tool_versions, write
 
 log = logging.getLogger(__name__)
 
-CANONICAL_PASSES = ("infer_shapes", "fold_constants", "remove_identity", "fold_batchnorm", "infer_shapes")
+CANONICAL_PASSES = ("infer_shapes", "fold_constants", "remove_identity", "fold_batchnorm", "fold_pad", "infer_shapes")
 
 
 @dataclass

@@ -80,6 +80,7 @@ PASS_MODULES = {
     "fold_constants": "constant_folding",
     "fold_batchnorm": "fold_batchnorm",
     "remove_identity": "remove_identity",
+    "fold_pad": "fold_pad",
     "insert_qdq": "insert_qdq",
     "smoothquant": "smoothquant",
     "equalize_cross_layer": "cross_layer_equalization",

@@ -32,7 +32,7 @@ from edgeq.profiles import list_targets, load_profile
 
 PROPS = settings(deadline=None, max_examples=60, suppress_health_check=list(HealthCheck), derandomize=True)
 
-EXACT_PASSES = [name for name in ("infer_shapes", "fold_constants", "remove_identity", "fold_batchnorm",
+EXACT_PASSES = [name for name in ("infer_shapes", "fold_constants", "remove_identity", "fold_batchnorm", "fold_pad",
                                   "fold_channel_scale", "equalize_cross_layer", "smoothquant")
                 if importlib.util.find_spec(f"edgeq.passes.{PASS_MODULES.get(name, name)}") is not None]
 
