@@ -35,8 +35,11 @@ class ActivationSpec:
     # Keep a tensor in float when its calibrated magnitude exceeds this (attention-mask arithmetic, -inf fills).
     max_abs_range: float = 1.0e4
     # Keep a tensor in float (whole-graph targets: 16-bit) when more than this share of its calibrated magnitude
-    # would round to zero (long-axis softmax outputs, activations with huge outliers); 1.0 turns the check off.
+    # would round to zero; 1.0 turns the check off. ``max_underflow`` applies on whole-graph targets and to tensors
+    # multiplied by another activation (long-axis attention probabilities); ``max_underflow_other`` to tensors
+    # summed only by weight layers on targets that would keep them in float (activations with huge outliers).
     max_underflow: float = 0.1
+    max_underflow_other: float = 0.15
     min_real_range: float = 1.0e-5
 
     def __post_init__(self) -> None:
@@ -44,6 +47,8 @@ class ActivationSpec:
         _require(_positive(self.max_abs_range), f"max_abs_range must be > 0, got {self.max_abs_range}")
         _require(_positive(self.min_real_range), f"min_real_range must be > 0, got {self.min_real_range}")
         _require(0.0 < self.max_underflow <= 1.0, f"max_underflow must be in (0, 1], got {self.max_underflow}")
+        _require(0.0 < self.max_underflow_other <= 1.0,
+                 f"max_underflow_other must be in (0, 1], got {self.max_underflow_other}")
 
 
 @dataclass(frozen=True, kw_only=True)

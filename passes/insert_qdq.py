@@ -13,9 +13,10 @@ Matches: the inputs (and, for whole-graph targets, the outputs) of the ops the p
 Skips, with a reason per tensor: non-float and shape/index tensors, attention-mask arithmetic with huge constants,
 tensors whose calibrated magnitude exceeds ``activations.max_abs_range``, tensors that would mostly round to zero
 (more than ``activations.max_underflow`` of their magnitude below half a step; whole-graph targets widen them to
-16 bits instead when the opset allows), tensors without statistics, nodes kept in float by the profile or
-overrides. Preconditions: canonicalised float graph without Q/DQ nodes; opset high enough
-for the dtypes (the pipeline upgrades it). Not numerically exact: the quantization error is bounded by the scales.
+16 bits instead when the opset allows; elsewhere a tensor summed only by weight layers is held to
+``activations.max_underflow_other`` and one read only by elementwise ops is not checked), tensors without
+statistics, nodes kept in float by the profile or overrides. Preconditions: canonicalised float graph without Q/DQ
+nodes; opset high enough for the dtypes (the pipeline upgrades it). Not numerically exact: the quantization error is bounded by the scales.
 Targets: all (placement modes ``inputs`` for TensorRT/ORT-CPU, ``all`` for QNN, ``weights`` for Core ML).
 """
 
@@ -272,14 +273,50 @@ class _Planner:
         """Attention probabilities over a long axis (and activations with a few huge outliers) hold most of their
         magnitude below half a quantization step: it would round to zero, and the MatMul they feed would lose that
         share of its input (Whisper's 1500-frame softmax loses 30-50%). Measured on the calibration histogram."""
-        limit = self.act_spec.max_underflow
+        # Whole-graph targets widen to 16 bits, which stays on the accelerator: the strict limit everywhere. Where
+        # the alternative is float (a float Conv behind DequantizeLinear is slower than FP32 on ONNX Runtime CPU),
+        # the strict limit holds for products of two activations, the looser one for tensors summed by a weight
+        # layer, and elementwise-only tensors are not checked (each flushed value is off by at most half a step,
+        # like any rounded value; the harm of flushing is in sums over many of them).
+        field = "max_underflow"
+        if self.place.mode != "all":
+            reaches = self._summed_by(t)
+            if reaches is None:
+                return None
+            if reaches == "weights":
+                field = "max_underflow_other"
+        limit = getattr(self.act_spec, field)
         if limit >= 1.0 or q.dtype not in INT_TYPES or t.name not in self.stats:
             return None
         lost = flushed_fraction(self.stats.get(t.name), float(q.scale) / 2)
         if lost <= limit:
             return None
         return (f"{lost:.0%} of its calibrated magnitude lies below half a {q.dtype} step ({float(q.scale):.3g}) "
-                f"and would round to zero (activations.max_underflow: {limit:g})")
+                f"and would round to zero (activations.{field}: {limit:g})")
+
+    @staticmethod
+    def _summed_by(t: gs.Tensor) -> str | None:
+        """What sums ``t`` first, looking through scale-sharing ops: ``"activations"`` when a MatMul/Gemm multiplies
+        it by another activation (attention probabilities times values: every flushed element takes its share of
+        the probabilities' mass, so a small flushed share already biases the output), ``"weights"`` when only
+        layers with constant weights sum it, ``None`` when no Conv/MatMul/Gemm reads it."""
+        seen, todo, found = set(), [t], None
+        while todo:
+            cur = todo.pop()
+            if id(cur) in seen:
+                continue
+            seen.add(id(cur))
+            for node in cur.outputs:
+                if node.op in ("MatMul", "Gemm"):
+                    others = [x for x in node.inputs[:2] if x is not cur]
+                    if others and all(const_value(x) is None for x in others):
+                        return "activations"
+                    found = "weights"
+                elif node.op in ("Conv", "ConvTranspose"):
+                    found = "weights"
+                elif node.op in SCALE_SHARING:
+                    todo.extend(node.outputs[:1])
+        return found
 
     def _reject(self, t: gs.Tensor) -> str | None:
         if not self._is_float(t):
