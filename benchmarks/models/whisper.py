@@ -31,7 +31,7 @@ from . import whisper_net as net
 
 log = logging.getLogger(__name__)
 
-RECIPE = "whisper-v1"
+RECIPE = "whisper-v2"
 CALIB_UTTERANCES, EVAL_UTTERANCES = 8, 12
 PAST_STEPS_PER_UTTERANCE = 4
 OPSET = 17
@@ -85,9 +85,10 @@ def _log_mel(audio: np.ndarray) -> np.ndarray:
 
 
 def _spaced_steps(generated: int, count: int) -> list[int]:
-    """Up to ``count`` decoding steps ≥ 1 spread over the utterance (step s feeds one token after a past of
-    len(prompt) + s - 1, so no calibration feed has an empty past)."""
-    return sorted({int(round(s)) for s in np.linspace(1, max(generated, 1), count)})
+    """Step 0 (the prompt, empty past) and up to ``count`` steps ≥ 1 spread over the utterance (step s feeds one
+    token after a past of len(prompt) + s - 1). Step 0 must be there: the prompt positions carry the decoder's
+    largest activations, and a decoder calibrated without them garbles every transcript from its first token."""
+    return sorted({0} | {int(round(s)) for s in np.linspace(1, max(generated, 1), count)})
 
 
 def _check_decoders_agree(decoder, decoder_with_past, audio: np.ndarray, generated: list[int],
