@@ -81,8 +81,8 @@ def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed
 
     ref_names = sorted(set(pairs.values()))
     cand_names = sorted(pairs)
-    ref_s = make_session(reference, outputs=ref_names, optimize=False)
-    cand_s = make_session(candidate, outputs=cand_names, optimize=False)
+    ref_s = make_session(reference, outputs=ref_names, optimize="none")
+    cand_s = make_session(candidate, outputs=cand_names, optimize="none")
     acc = {name: ErrorAccumulator() for name in cand_names}
     for feed in feeds:
         ref = dict(zip(ref_names, ref_s.run(ref_names, feed)))

@@ -21,7 +21,7 @@ def bundled_example() -> dict[str, Path]:
 
 
 def accuracy(model_path: Path, eval_path: Path, labels_path: Path) -> float:
-    session = make_session(load_model(model_path, check=False))
+    session = make_session(load_model(model_path, check=False), optimize="all")
     x = np.load(eval_path)["image"]
     labels = np.load(labels_path)
     logits = session.run(None, {session.get_inputs()[0].name: x})[0]

@@ -34,7 +34,8 @@ class PipelineRunner:
         self.models = {s.name: Path((models or {}).get(s.name, s.model)) for s in plan.stages}
         self.sessions = {}
         for stage in plan.stages:
-            session = make_session(load_model(self.models[stage.name], check=False), threads=threads)
+            session = make_session(load_model(self.models[stage.name], check=False), threads=threads,
+                                   optimize="all")
             names = [o.name for o in session.get_outputs()]
             missing = [o for o in stage.output_names if o not in names]
             if missing:

@@ -45,7 +45,7 @@ class ValidationResult:
 
 def _ort_runner(path: Path, threads: int) -> Callable[[dict], list[np.ndarray]]:
     load_model(path, check=False, load_external_data=False)  # a clear error for a bad file, weights untouched
-    session = make_session(Path(path), threads=threads, optimize=True)
+    session = make_session(Path(path), threads=threads, optimize="all")
     names = [o.name for o in session.get_outputs()]
 
     def run(feed: dict) -> list[np.ndarray]:

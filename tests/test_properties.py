@@ -213,7 +213,7 @@ def test_canonical_pipeline_preserves_outputs(rm):
 def _values(model: onnx.ModelProto, feed: dict) -> dict[str, np.ndarray]:
     """Every tensor of ``model`` on ``feed`` (ORT, no graph optimisation: Q/DQ run literally)."""
     names = [o for n in model.graph.node for o in n.output if o]
-    session = make_session(model, outputs=names, optimize=False)
+    session = make_session(model, outputs=names, optimize="none")
     outs = [o.name for o in session.get_outputs()]
     return {**feed, **dict(zip(outs, session.run(outs, feed)))}
 

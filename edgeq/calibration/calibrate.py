@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 import onnx
@@ -23,6 +23,8 @@ from edgeq.calibration.observers import TensorObserver
 from edgeq.calibration.stats import CalibrationStats
 from edgeq.errors import CalibrationDataError, ModelLoadError
 from edgeq.model_io import EXTERNAL_DATA_THRESHOLD
+
+Optimization = Literal["none", "basic", "all"]
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,11 @@ def observable_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def make_session(model: onnx.ModelProto | str | Path, *, outputs: Iterable[str] = (), threads: int = 0,
-                 optimize: bool = True, providers: list | None = None):
+                 optimize: Optimization = "basic", providers: list | None = None):
     """An ORT CPU session over ``model`` with extra graph outputs; a path or a lazy model (external weights) is
-    opened as a file, so its weights are not copied into a serialised protobuf."""
+    opened as a file, so its weights are not copied into a serialised protobuf. ``optimize``: ``"basic"`` to
+    observe tensors (no fusion renames them), ``"none"`` to compare every tensor, ``"all"`` to run a model as a
+    user's ONNX Runtime does (Q/DQ fused into integer kernels): latency and deployed numerics."""
     extra_wanted = list(outputs)
     if isinstance(model, (str, Path)):
         if not extra_wanted:  # a file: let ONNX Runtime read it (and its external data) directly
@@ -78,7 +82,7 @@ def make_session(model: onnx.ModelProto | str | Path, *, outputs: Iterable[str] 
         return _session(str(path), threads, optimize, providers)
 
 
-def _session(source, threads: int, optimize: bool, providers: list | None, weights: dict | None = None,
+def _session(source, threads: int, optimize: Optimization, providers: list | None, weights: dict | None = None,
              lean: bool = False):
     import onnxruntime as ort
 
@@ -91,8 +95,9 @@ def _session(source, threads: int, optimize: bool, providers: list | None, weigh
     if weights or lean:  # large models: no packed second copy of the weights
         so.add_session_config_entry("session.disable_prepacking", "1")
     so.log_severity_level = 3
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimize]
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if threads:
         so.intra_op_num_threads = threads
