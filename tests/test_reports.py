@@ -351,3 +351,19 @@ def test_junit_without_evaluation_skips_validation(no_eval_report):
     names = [c.get("name") for c in cases]
     assert names[0] == "validation" and cases[0].find("skipped") is not None
     assert names[1].startswith("legality[tensorrt")
+
+
+def test_latency_is_measured_on_the_session_a_user_gets():
+    """Validation and pipelines run ONNX Runtime at its full optimisation level (Q/DQ fused into integer kernels);
+    the calibration's basic level would time the unfused float simulation instead."""
+    import onnxruntime as ort
+
+    from edgeq.calibration.calibrate import make_session
+    from edgeq.example import bundled_example
+    from edgeq.validation import candidate_runner
+
+    model = bundled_example()["model"]
+    run = candidate_runner(model, "ort")
+    assert run.session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    observe = make_session(model)
+    assert observe.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
