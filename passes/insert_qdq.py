@@ -10,13 +10,17 @@ Matches: the inputs (and, for whole-graph targets, the outputs) of the ops the p
   channel whose bias would not fit in 31 bits gets a wider scale instead of a clipped bias).
 * whole-graph targets: an op whose only consumer is a Relu/Clip takes that activation's output range, since the
   target fuses the two and quantizes once.
+* ``placement.quantize_outputs_of`` (ort-cpu): those ops' outputs get a Q/DQ pair that every consumer reads, so
+  ONNX Runtime fuses DQ -> op -> Q into an integer kernel; an elementwise op listed there (Add) only where all its
+  inputs are such quantized outputs (a CNN's residual join -> QLinearAdd, not a transformer's residual stream).
 Skips, with a reason per tensor: non-float and shape/index tensors, attention-mask arithmetic with huge constants,
 tensors whose calibrated magnitude exceeds ``activations.max_abs_range``, tensors that would mostly round to zero
 (more than ``activations.max_underflow`` of their magnitude below half a step; whole-graph targets widen them to
 16 bits instead when the opset allows; elsewhere a tensor summed only by weight layers is held to
 ``activations.max_underflow_other`` and one read only by elementwise ops is not checked), tensors without
 statistics, nodes kept in float by the profile or overrides. Preconditions: canonicalised float graph without Q/DQ
-nodes; opset high enough for the dtypes (the pipeline upgrades it). Not numerically exact: the quantization error is bounded by the scales.
+nodes; opset high enough for the dtypes (the pipeline upgrades it). Not numerically exact: the quantization error is
+bounded by the scales.
 Targets: all (placement modes ``inputs`` for TensorRT/ORT-CPU, ``all`` for QNN, ``weights`` for Core ML).
 """
 
@@ -158,7 +162,8 @@ class _Planner:
                     if node.op not in NEVER_QUANTIZED:
                         self.p.skip(self.result, f"{node.op} {node.name}", "kept in float (profile/override)")
                 continue
-            if mode == "inputs" and node.op in self.place.quantize_outputs_of:
+            if mode == "inputs" and node.op in self.place.quantize_outputs_of and \
+                    self._joins_quantized(node, fused_outputs):
                 for t in node.outputs:
                     if t.name and t not in self.graph.outputs and self._is_float(t) and t.name not in self.skipped:
                         self._activation(acts, t, node)
@@ -197,6 +202,15 @@ class _Planner:
                         if consumer.inputs[idx] is t and (consumer, idx) not in q.uses:
                             q.uses.append((consumer, idx))
         return acts, weights
+
+    def _joins_quantized(self, node: gs.Node, fused_outputs: set[str]) -> bool:
+        """Compute ops always qualify; an elementwise op (a CNN's residual Add) only when every input is the
+        quantized output of such an op, so ONNX Runtime fuses DQ, DQ -> Add -> Q into QLinearAdd. A transformer's
+        residual Add reads a MatMul's float output and stays float."""
+        if node.op in COMPUTE_OPS:
+            return True
+        ins = [t for t in node.inputs if t.name]
+        return len(ins) >= 2 and all(const_value(t) is None and t.name in fused_outputs for t in ins)
 
     def _inputs_to_quantize(self, node: gs.Node) -> list[int]:
         idxs = [i for i in data_inputs(node.op, len(node.inputs)) if node.inputs[i].name]

@@ -323,3 +323,56 @@ def test_ort_cpu_quantizes_conv_outputs_for_integer_kernels():
     residual2 = next(n for n in qt.graph.node if n.name == "residual2")
     assert "res" in residual2.input, "the residual Add reads the float stream, not its quantized copy"
     assert {"h", "ctx", "f1r"} <= quantized
+
+
+def _linear_bottleneck() -> onnx.ModelProto:
+    """Two MobileNetV2/EfficientNet-style residual blocks: c1 = conv1(x); a = c1 + conv3(relu(conv2(c1)));
+    b = a + conv5(relu(conv4(a))); y = conv6(b). The first Add's output feeds a Conv and the next Add."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(5)
+    c = 8
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+             for name, shape in (("w1", (c, 3, 3, 3)), ("w2", (c, c, 1, 1)), ("w3", (c, c, 1, 1)),
+                                 ("w4", (c, c, 1, 1)), ("w5", (c, c, 1, 1)), ("w6", (4, c, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3"),
+             helper.make_node("Add", ["c3", "c1"], ["a"], name="residual"),
+             helper.make_node("Conv", ["a", "w4"], ["c4"], name="conv4"),
+             helper.make_node("Relu", ["c4"], ["r4"], name="relu4"),
+             helper.make_node("Conv", ["r4", "w5"], ["c5"], name="conv5"),
+             helper.make_node("Add", ["c5", "a"], ["b"], name="residual2"),
+             helper.make_node("Conv", ["b", "w6"], ["y"], name="conv6")]
+    graph = helper.make_graph(nodes, "bottleneck",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_ort_cpu_quantizes_a_cnn_residual_add_for_qlinearadd(tmp_path):
+    """ort-cpu: an Add joining two quantized Conv outputs reads their DQs and feeds only its own Q, so ONNX Runtime
+    runs QLinearAdd; with float consumers left on its output it would run as a float Add between DQ and Q."""
+    import onnxruntime as ort
+
+    model = _linear_bottleneck()
+    _, q, _ = _quantize(model, "ort-cpu", _cnn_samples())
+    prod = _producers(q)
+    for name in ("residual", "residual2"):
+        add = next(n for n in q.graph.node if n.name == name)
+        assert [prod[i].op_type for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]
+        assert [n.op_type for n in q.graph.node if add.output[0] in n.input] == ["QuantizeLinear"]
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(q.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert fused.count("QLinearAdd") == 2 and "Add" not in fused
+
+    held_out = [{"x": np.random.default_rng(100 + i).normal(size=(1, 3, 8, 8)).astype(np.float32)} for i in range(4)]
+    for feed in held_out:
+        ref, got = run_ort(model, feed)[0], run_ort(q, feed)[0]
+        assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25.0
