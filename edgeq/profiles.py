@@ -89,6 +89,13 @@ class PlacementSpec:
     # mode "inputs": also quantize the outputs of these ops (every consumer then reads the dequantized value),
     # so a runtime can fuse DQ -> op -> Q into one integer kernel (ONNX Runtime's QLinearConv).
     quantize_outputs_of: tuple[str, ...] = ()
+    # Conv/MatMul/Gemm layers that read a network input directly (through Pad, Reshape, ...) stay float when their
+    # multiply-accumulates are at most this share of the model's (an image model's stem); 0 turns it off.
+    float_input_layers: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.float_input_layers <= 1.0,
+                 f"float_input_layers must be in [0, 1], got {self.float_input_layers}")
 
 
 @dataclass(frozen=True, kw_only=True)

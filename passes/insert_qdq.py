@@ -102,10 +102,47 @@ class _Planner:
                     out.add(node.name)
         if self.precision is not None:
             out |= set(self.precision.float_nodes)
+        self.float_reasons = self._input_layers(out) if self.place.float_input_layers > 0 else {}
+        out |= set(self.float_reasons)
         if self.place.mode == "all":
             nodes, tensors = erf_gelu_interiors(self.graph)
             out |= nodes
             self.gelu_tensors = tensors
+        return out
+
+    def _shape(self, t: gs.Tensor) -> list[int] | None:
+        """A tensor's static shape, or the shape calibration saw (symbolic dims in the graph), else None."""
+        shape = t.shape
+        if shape is not None and all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+            return [int(d) for d in shape]
+        seen = self.stats.get(t.name).shape if self.stats is not None and t.name in self.stats else None
+        return [int(d) for d in seen] if seen is not None else None
+
+    def _input_layers(self, already: set[str]) -> dict[str, str]:
+        """Layers reading a network input directly whose multiply-accumulates are a small share of the model's (and
+        which are at most a tenth of its layers).
+        Quantizing the network input (normalised pixels, audio) costs more than any inner tensor (EfficientNet-Lite0:
+        the input's Q/DQ alone takes 5.3 dB off the logits' SQNR), while such a stem is a few percent of the work."""
+        layers = [n for n in self.graph.nodes if n.op in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
+        macs = {id(n): _macs(n, self._shape) for n in layers}
+        if not layers or any(v is None for v in macs.values()):
+            return {}  # shapes unknown: no share to judge by
+        total = sum(macs.values()) or 1
+        inputs = {t.name for t in self.graph.inputs}
+        out = {}
+        for node in layers:
+            share = macs[id(node)] / total
+            if node.name in already or share > self.place.float_input_layers or not node.inputs:
+                continue
+            t = node.inputs[0]
+            while t.inputs and t.inputs[0].op in SCALE_SHARING | {"Pad"} and t.name not in inputs:
+                t = t.inputs[0].inputs[0]
+            if t.name in inputs:
+                out[node.name] = (f"reads the network input {t.name} and does {share:.1%} of the model's "
+                                  f"multiply-accumulates; kept in float (placement.float_input_layers: "
+                                  f"{self.place.float_input_layers:g})")
+        if len(out) > 0.1 * len(layers):
+            return {}  # a small model: its first layer is not a small part of it
         return out
 
     def _act_dtype(self, node: gs.Node | None) -> str:
@@ -160,7 +197,8 @@ class _Planner:
             if node.name in self.float_nodes:
                 if node.op in self.place.ops or mode == "all":
                     if node.op not in NEVER_QUANTIZED:
-                        self.p.skip(self.result, f"{node.op} {node.name}", "kept in float (profile/override)")
+                        self.p.skip(self.result, f"{node.op} {node.name}",
+                                    self.float_reasons.get(node.name, "kept in float (profile/override)"))
                 continue
             if mode == "inputs" and node.op in self.place.quantize_outputs_of and \
                     self._joins_quantized(node, fused_outputs):
@@ -379,6 +417,21 @@ class _Planner:
         if out.name not in self.stats or self._act_dtype(act) != dtype:
             return t.name
         return out.name
+
+
+def _macs(node: gs.Node, shape_of) -> int | None:
+    """Multiply-accumulates of a Conv/ConvTranspose/MatMul/Gemm from its shapes (None when they are unknown)."""
+    out = shape_of(node.outputs[0]) if node.outputs else None
+    w = shape_of(node.inputs[1]) if len(node.inputs) > 1 else None
+    x = shape_of(node.inputs[0]) if node.inputs else None
+    if out is None or w is None or x is None or not w or not x:
+        return None
+    if node.op == "Conv":
+        return int(np.prod(out)) * int(np.prod(w[1:]))
+    if node.op == "ConvTranspose":
+        return int(np.prod(x)) * int(np.prod(w[1:]))
+    k = x[-1] if not (node.op == "Gemm" and node.attrs.get("transA", 0)) else x[0]
+    return int(np.prod(out)) * int(k)
 
 
 def flushed_fraction(obs, half_step: float) -> float:

@@ -376,3 +376,50 @@ def test_ort_cpu_quantizes_a_cnn_residual_add_for_qlinearadd(tmp_path):
     for feed in held_out:
         ref, got = run_ort(model, feed)[0], run_ort(q, feed)[0]
         assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25.0
+
+
+def _stem_and_body(layers: int = 10, batch: int | str = 1) -> onnx.ModelProto:
+    """x [N, 3, 16, 16] -> stem Conv 3->32 (under 1% of the multiply-accumulates) -> `layers` Conv 32->32 + Relu."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (32, 3, 3, 3)).astype(np.float32), "w_stem")]
+    nodes = [helper.make_node("Conv", ["x", "w_stem"], ["h0"], name="stem", pads=[1, 1, 1, 1])]
+    for i in range(layers):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.06, (32, 32, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [f"h{i}", f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"h{i + 1}"], name=f"relu{i}")]
+    graph = helper.make_graph(nodes, "stem_body",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+                              [helper.make_tensor_value_info(f"h{layers}", TensorProto.FLOAT, [batch, 32, 16, 16])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _stem_samples(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.uniform(-2, 2, (1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def test_a_small_stem_reading_the_network_input_stays_float():
+    for batch in (1, "N"):  # symbolic dims: the shares come from the shapes calibration saw
+        model = _stem_and_body(batch=batch)
+        _, q, result = _quantize(model, "ort-cpu", _stem_samples())
+        stem = next(n for n in q.graph.node if n.name == "stem")
+        assert stem.input[0] == "x" and stem.input[1] == "w_stem", "the stem reads the float input and weight"
+        reason = next(s.reason for s in result.skipped if s.target == "Conv stem")
+        assert "network input x" in reason and "0.9%" in reason and "float_input_layers" in reason
+        prod = _producers(q)
+        assert all(prod[n.input[0]].op_type == "DequantizeLinear" for n in q.graph.node
+                   if n.op_type == "Conv" and n.name != "stem")
+        for feed in _stem_samples(4, seed=1):
+            ref, got = run_ort(model, feed)[0], run_ort(q, feed)[0]
+            assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 20.0
+
+    # a model of a few layers: its first layer is a fifth of it and stays quantized like the rest
+    _, q_small, result_small = _quantize(_stem_and_body(layers=4), "ort-cpu", _stem_samples())
+    assert not [s for s in result_small.skipped if "network input" in s.reason]
+    stem = next(n for n in q_small.graph.node if n.name == "stem")
+    assert _producers(q_small)[stem.input[0]].op_type == "DequantizeLinear"
