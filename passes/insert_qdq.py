@@ -18,7 +18,8 @@ tensors whose calibrated magnitude exceeds ``activations.max_abs_range``, tensor
 (more than ``activations.max_underflow`` of their magnitude below half a step; whole-graph targets widen them to
 16 bits instead when the opset allows; elsewhere a tensor summed only by weight layers is held to
 ``activations.max_underflow_other`` and one read only by elementwise ops is not checked), tensors without
-statistics, nodes kept in float by the profile or overrides. Preconditions: canonicalised float graph without Q/DQ
+statistics, nodes kept in float by the profile or overrides, a small layer reading the network input
+(``placement.float_input_layers``). Preconditions: canonicalised float graph without Q/DQ
 nodes; opset high enough for the dtypes (the pipeline upgrades it). Not numerically exact: the quantization error is
 bounded by the scales.
 Targets: all (placement modes ``inputs`` for TensorRT/ORT-CPU, ``all`` for QNN, ``weights`` for Core ML).
@@ -424,7 +425,7 @@ def _macs(node: gs.Node, shape_of) -> int | None:
     out = shape_of(node.outputs[0]) if node.outputs else None
     w = shape_of(node.inputs[1]) if len(node.inputs) > 1 else None
     x = shape_of(node.inputs[0]) if node.inputs else None
-    if out is None or w is None or x is None or not w or not x:
+    if not (out and w and x):
         return None
     if node.op == "Conv":
         return int(np.prod(out)) * int(np.prod(w[1:]))

@@ -6,7 +6,6 @@ shapes, so Core ML never has to guess which side gets the odd pixel.
 
 from __future__ import annotations
 
-
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Var
