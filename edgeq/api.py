@@ -20,7 +20,7 @@ from edgeq.calibration.data import model_inputs, open_dataset
 from edgeq.calibration.stats import CalibrationStats
 from edgeq.errors import CalibrationDataError, EdgeqError, ProfileError, UnsupportedModelError
 from edgeq.ir import to_graph, to_model
-from edgeq.large_model import LARGE_MODEL_BYTES, release_memory
+from edgeq.large_model import LARGE_MODEL_BYTES, WeightSpill, release_memory
 from edgeq.model_io import (check_output_path, default_opset, ensure_opset, load_model, model_size_bytes, save_model,
                             staged_output)
 from edgeq.pass_base import PassContext, PassManager, make_pass
@@ -215,21 +215,35 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
 
     start = time.perf_counter()
     graph = to_graph(canonical)
+    spill = WeightSpill() if large else None  # removed after saving (or when this call fails)
     manager.run(graph, [make_pass("insert_qdq")],
-                PassContext(profile=profile, stats=calib_stats, precision=precision_plan, moments=moments))
-    qmodel = to_model(graph, original)
-    del graph
-    if large:
+                PassContext(profile=profile, stats=calib_stats, precision=precision_plan, moments=moments,
+                            spill=spill))
+    moments = None  # the rounding is done; large models' moments are a large share of memory
+    qmodel = None
+    if not large:
+        qmodel = to_model(graph, original)
+        del graph
+    else:
         release_memory()
     timings["insert_qdq_s"] = time.perf_counter() - start
     lint = None
-    if check:
-        from edgeq.lint import check_model as lint_model
-
-        lint = lint_model(qmodel, profile)
     val = None
     with staged_output(out) as staged:  # the output appears only after validation, the last step that can fail
-        save_model(qmodel, staged, inputs=(model,))
+        if qmodel is not None:
+            save_model(qmodel, staged, inputs=(model,))
+        else:  # weights go from the graph straight to the file; the model kept for the report only refers to them
+            from edgeq.large_model import save_streaming
+
+            save_streaming(graph, original, staged)
+            del graph
+            spill.close()
+            release_memory()
+            qmodel = onnx.load(str(staged), load_external_data=False)  # relative references, read by lint
+        if check:
+            from edgeq.lint import check_model as lint_model
+
+            lint = lint_model(qmodel, profile, path=str(staged))
         if eval_ds is not None:
             from edgeq.validation import compare
 

@@ -72,9 +72,13 @@ def _print_quantize(rep: dict) -> None:
         click.echo(_thresholds_table(rep))
         lat = v.get("latency_ms") or {}
         if lat:
-            click.echo(f"latency (ORT CPU, median): fp32 {lat['reference']['median']:.2f} ms, "
-                       f"quantized {lat['candidate']['median']:.2f} ms")
+            click.echo(f"latency (ORT CPU, median): fp32 {_ms(lat['reference'])}, quantized {_ms(lat['candidate'])}"
+                       + (f" ({lat['note']})" if lat.get("note") else ""))
         click.echo("PASSED" if v["passed"] else "FAILED: " + "; ".join(v["failures"]))
+
+
+def _ms(latency: dict | None) -> str:
+    return f"{latency['median']:.2f} ms" if latency else "not measured"
 
 
 @cli.command()
@@ -169,8 +173,8 @@ def validate(reference, candidate, data, target, report, backend, soc, min_cosin
     click.echo(summary_table(result.as_dict()))
     lat = result.latency_ms
     if lat:
-        click.echo(f"latency median: reference {lat['reference']['median']:.2f} ms, "
-                   f"candidate {lat['candidate']['median']:.2f} ms ({backend})")
+        click.echo(f"latency median: reference {_ms(lat['reference'])}, candidate {_ms(lat['candidate'])} ({backend})"
+                   + (f"; {lat['note']}" if lat.get("note") else ""))
     click.echo("PASSED" if result.passed else "FAILED: " + "; ".join(result.failures))
     sys.exit(0 if result.passed else 1)
 

@@ -137,7 +137,8 @@ def _header(rep: dict) -> str:
         cards.append((f"{size['reference'] / 1024:.1f} → {size['candidate'] / 1024:.1f} KiB", "model size"))
     lat = val.get("latency_ms") or {}
     if lat.get("candidate"):
-        cards.append((f"{_fmt(lat['reference']['median'], 3)} → {_fmt(lat['candidate']['median'], 3)} ms",
+        ref = _fmt(lat["reference"]["median"], 3) if lat.get("reference") else "n/a"
+        cards.append((f"{ref} → {_fmt(lat['candidate']['median'], 3)} ms",
                       "median latency"))
     card_html = "".join(f'<div class="card"><b>{escape(v)}</b><span>{escape(k)}</span></div>' for v, k in cards)
     note = "" if val else '<p class="muted">No evaluation data was given (--eval), so fidelity was not measured.</p>'

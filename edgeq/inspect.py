@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
 import onnx
-from onnx import numpy_helper
 
 from edgeq.model_io import default_opset, load_model, model_size_bytes
 
@@ -32,7 +32,7 @@ def quantized_tensors(model: onnx.ModelProto) -> list[dict]:
         scale = scale if scale is not None else consts.get(node.input[1]) if len(node.input) > 1 else None
         n_scales = 1
         if scale is not None:
-            n_scales = int(numpy_helper.to_array(scale).size)
+            n_scales = math.prod(scale.dims)
         if src in inits or src in consts:
             kind, dtype = "weight", _TYPE_NAMES.get((inits.get(src) or consts.get(src)).data_type, "?")
         else:

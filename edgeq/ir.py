@@ -69,9 +69,22 @@ def is_constant(t: gs.Tensor) -> bool:
     return isinstance(t, gs.Constant)
 
 
-def const_value(t: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or Constant node output), else None."""
+def has_const_value(t: gs.Tensor) -> bool:
+    """Whether :func:`const_value` would find a value (without reading it: weights may be on disk)."""
     if isinstance(t, gs.Constant):
+        return True
+    return len(t.inputs) == 1 and t.inputs[0].op == "Constant" and \
+        isinstance(t.inputs[0].attrs.get("value"), gs.Constant)
+
+
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node output), else None. A weight kept on disk
+    (models over the large-model size) is read each time and not kept, so looking at it costs no memory."""
+    if isinstance(t, gs.Constant):
+        from edgeq.large_model import ExternalValues
+
+        if isinstance(t._values, ExternalValues):
+            return t._values.load()
         return np.asarray(t.values)
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
         attr = t.inputs[0].attrs.get("value")

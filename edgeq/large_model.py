@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -88,6 +89,43 @@ def attach_external(graph: gs.Graph, base_dir: Path) -> int:
             t.data_location = None  # once loaded (and perhaps changed) the values are written inline
             n += 1
     return n
+
+
+class WeightSpill:
+    """Where a pass puts the weights it creates for a large model (quantized weights): each is written to a
+    temporary file and its constant reads it back on demand (:class:`ExternalValues`), so the new weights are not
+    all held in memory until the model is saved; :func:`save_streaming` copies them file-to-file."""
+
+    def __init__(self, min_bytes: int = 1 << 20):
+        self.min_bytes = min_bytes
+        self.folder = Path(tempfile.mkdtemp(prefix="edgeq-spill-"))
+        self.path = self.folder / "weights.bin"
+        self.fh = open(self.path, "wb")
+        self.bytes = 0
+        self._cleanup = weakref.finalize(self, WeightSpill._remove, self.fh, self.folder)  # on errors too
+
+    def put(self, c: gs.Constant) -> None:
+        values = c._values
+        if not isinstance(values, np.ndarray) or values.nbytes < self.min_bytes or \
+                getattr(c, "edgeq_narrow_dtype", None) or values.dtype.kind not in "iuf":
+            return
+        tp = numpy_helper.from_array(values, c.name)
+        self.fh.write(b"\0" * ((-self.fh.tell()) % ALIGN))
+        offset = self.fh.tell()
+        self.fh.write(tp.raw_data)
+        self.fh.flush()
+        ref = _reference(c, tp.data_type, tp.dims, self.path.name, offset, len(tp.raw_data))
+        c._values = ExternalValues(ref, self.folder)
+        c.data_location = None
+        self.bytes += len(tp.raw_data)
+
+    def close(self) -> None:
+        self._cleanup()
+
+    @staticmethod
+    def _remove(fh, folder: Path) -> None:
+        fh.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def constants_nbytes(graph: gs.Graph) -> int:

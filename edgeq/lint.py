@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -56,8 +58,9 @@ class LintResult:
 
 
 class _Model:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
         self.model = model
+        self.base_dir = base_dir  # where external tensors (large models' per-channel scales) are read from
         self.g = model.graph
         self.inits = {i.name: i for i in self.g.initializer}
         for n in self.g.node:
@@ -71,7 +74,7 @@ class _Model:
 
     def const(self, name: str) -> np.ndarray | None:
         t = self.inits.get(name)
-        return numpy_helper.to_array(t) if t is not None and t.data_type not in (22, 23) else None
+        return numpy_helper.to_array(t, self.base_dir) if t is not None and t.data_type not in (22, 23) else None
 
     def dtype(self, name: str) -> str:
         t = self.inits.get(name)
@@ -97,8 +100,10 @@ class _Model:
 
 
 def check_model(model: onnx.ModelProto, profile, *, path: str = "") -> LintResult:
+    """Lint ``model`` for ``profile``'s backend; ``path``: the file it was loaded from, whose folder holds any
+    external data that was not loaded."""
     backend = profile.compile.backend
-    m = _Model(model)
+    m = _Model(model, str(Path(path).parent) if path else "")
     result = LintResult(target=profile.name)
     rules = {"tensorrt": _tensorrt, "qnn": _qnn, "coreml": _coreml, "ort": _ort}.get(backend)
     if rules is not None:

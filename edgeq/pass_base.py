@@ -52,6 +52,7 @@ class PassContext:
     stats: Any = None  # edgeq.calibration.stats.CalibrationStats
     precision: Any = None  # edgeq.precision.PrecisionPlan
     moments: Any = None  # edgeq.calibration.moments.MomentSet (weights.rounding: gptq)
+    spill: Any = None  # edgeq.large_model.WeightSpill: large models' new weights go to disk as they are made
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgeq.calibration.calibrate import make_session
 from edgeq.errors import CalibrationDataError, EdgeqError
+from edgeq.large_model import LARGE_MODEL_BYTES
 from edgeq.metrics import OutputMetrics
 from edgeq.model_io import load_model, model_size_bytes
 from edgeq.profiles import Thresholds
@@ -81,13 +82,14 @@ def compare(reference: str | Path, candidate: str | Path, data: Iterable[dict], 
             backend: str = "ort", latency_runs: int = 20, threads: int = 0, soc: str | None = None,
             progress: Callable[[int, int | None], None] | None = None, total: int | None = None,
             ) -> ValidationResult:
+    if model_size_bytes(reference) >= LARGE_MODEL_BYTES:
+        return _compare_large(reference, candidate, data, thresholds=thresholds, backend=backend,
+                              latency_runs=latency_runs, threads=threads, soc=soc, progress=progress, total=total)
     ref_run = _ort_runner(Path(reference), threads)
     cand_run = candidate_runner(Path(candidate), backend, threads=threads, soc=soc)
     ref_names = ref_run.output_names
     cand_names = getattr(cand_run, "output_names", ref_names)
-    missing = [n for n in ref_names if n not in cand_names]
-    if missing:
-        raise EdgeqError(f"the candidate model lacks output(s) {', '.join(missing)} of the reference")
+    _check_outputs(ref_names, cand_names)
     metrics = {n: OutputMetrics(n) for n in ref_names}
     first_feed = None
     count = 0
@@ -99,27 +101,13 @@ def compare(reference: str | Path, candidate: str | Path, data: Iterable[dict], 
         except Exception as exc:
             raise CalibrationDataError(f"reference model failed on evaluation sample {count}: "
                                        f"{str(exc).splitlines()[0][:300]}") from None
-        try:
-            cand_out = dict(zip(cand_names, cand_run(feed)))
-        except EdgeqError:
-            raise
-        except Exception as exc:
-            raise EdgeqError(f"candidate model failed on evaluation sample {count}: "
-                             f"{str(exc).splitlines()[0][:300]}") from None
+        cand_out = _run_candidate(cand_run, cand_names, feed, count)
         for name, value in zip(ref_names, ref_out):
-            try:
-                metrics[name].update(value, cand_out[name])
-            except ValueError as exc:
-                raise EdgeqError(str(exc)) from None
+            _update(metrics[name], value, cand_out[name])
         count += 1
         if progress:
             progress(count, total)
-    if count == 0:
-        raise CalibrationDataError("evaluation data contains no samples")
-    outputs = [m.as_dict() for m in metrics.values()]
-    failures = check_thresholds(outputs, thresholds)
-    result = ValidationResult(passed=not failures, outputs=outputs, failures=failures,
-                              thresholds=_thr_dict(thresholds), samples=count, backend=backend)
+    result = _result(metrics, count, thresholds, backend)
     if getattr(cand_run, "emulated", False):  # an emulator's speed says nothing about the device: not timed
         latency_runs = 0
     if latency_runs and first_feed is not None:
@@ -129,6 +117,93 @@ def compare(reference: str | Path, candidate: str | Path, data: Iterable[dict], 
         result.latency_ms["speedup"] = r / c if c > 0 else None
     result.size_bytes = {"reference": model_size_bytes(reference), "candidate": model_size_bytes(candidate)}
     return result
+
+
+def _compare_large(reference, candidate, data, *, thresholds, backend, latency_runs, threads, soc, progress,
+                   total) -> ValidationResult:
+    """A reference over the large-model size runs in segments (:mod:`edgeq.calibration.segments`) after the
+    candidate, on the stored samples, so that its weights are never in memory at once; its latency is therefore
+    not measured (the candidate's is)."""
+    from edgeq.calibration.segments import SampleStore, run_segmented
+
+    ref_model = load_model(reference, check=False, load_external_data=False)
+    inits = {i.name for i in ref_model.graph.initializer}
+    ref_names = [o.name for o in ref_model.graph.output]
+    cand_run = candidate_runner(Path(candidate), backend, threads=threads, soc=soc)
+    cand_names = getattr(cand_run, "output_names", ref_names)
+    _check_outputs(ref_names, cand_names)
+    metrics = {n: OutputMetrics(n) for n in ref_names}
+    store = SampleStore()
+    feed_names: list[str] = []
+    first_feed = None
+    count = 0
+    try:
+        for feed in data:
+            if first_feed is None:
+                first_feed, feed_names = feed, [n for n in feed if n not in inits]
+            cand_out = _run_candidate(cand_run, cand_names, feed, count)
+            for name in feed_names:
+                store.put(count, f"input:{name}", feed[name])
+            for name in ref_names:
+                store.put(count, f"candidate:{name}", cand_out[name])
+            del cand_out
+            count += 1
+            if progress:
+                progress(count, total)
+        if count == 0:
+            raise CalibrationDataError("evaluation data contains no samples")
+        if latency_runs and first_feed is not None and not getattr(cand_run, "emulated", False):
+            latency = {"reference": None, "candidate": measure_latency(cand_run, first_feed, latency_runs),
+                       "speedup": None, "note": "the reference is over the large-model size and runs in segments "
+                                                "to bound memory; its latency is not measured"}
+        else:
+            latency = {}
+        del cand_run
+
+        def visit(i: int, values: dict[str, np.ndarray]) -> None:
+            for name, value in values.items():
+                _update(metrics[name], value, store.get(i, f"candidate:{name}"))
+
+        feeds = ({n: store.get(i, f"input:{n}") for n in feed_names} for i in range(count))
+        run_segmented(ref_model, feeds, ref_names, visit, what="evaluation")
+    finally:
+        store.close()
+    result = _result(metrics, count, thresholds, backend)
+    result.latency_ms = latency
+    result.size_bytes = {"reference": model_size_bytes(reference), "candidate": model_size_bytes(candidate)}
+    return result
+
+
+def _check_outputs(ref_names: list[str], cand_names: list[str]) -> None:
+    missing = [n for n in ref_names if n not in cand_names]
+    if missing:
+        raise EdgeqError(f"the candidate model lacks output(s) {', '.join(missing)} of the reference")
+
+
+def _run_candidate(cand_run, cand_names: list[str], feed: dict, count: int) -> dict[str, np.ndarray]:
+    try:
+        return dict(zip(cand_names, cand_run(feed)))
+    except EdgeqError:
+        raise
+    except Exception as exc:
+        raise EdgeqError(f"candidate model failed on evaluation sample {count}: "
+                         f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def _update(metric: OutputMetrics, reference: np.ndarray, candidate: np.ndarray) -> None:
+    try:
+        metric.update(reference, candidate)
+    except ValueError as exc:
+        raise EdgeqError(str(exc)) from None
+
+
+def _result(metrics: dict[str, OutputMetrics], count: int, thresholds: Thresholds, backend: str) -> ValidationResult:
+    if count == 0:
+        raise CalibrationDataError("evaluation data contains no samples")
+    outputs = [m.as_dict() for m in metrics.values()]
+    failures = check_thresholds(outputs, thresholds)
+    return ValidationResult(passed=not failures, outputs=outputs, failures=failures,
+                            thresholds=_thr_dict(thresholds), samples=count, backend=backend)
 
 
 def _thr_dict(t: Thresholds) -> dict:

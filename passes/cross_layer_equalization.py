@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgeq.ir import const_value, unique_name
+from edgeq.ir import const_value, has_const_value, unique_name
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 from edgeq.passes.fold_channel_scale import (input_channel_absmax, out_channels, output_channel_absmax,
                                              scale_inputs, scale_outputs, weight_of)
@@ -70,7 +70,7 @@ class CrossLayerEqualizationPass(GraphPass):
         return result
 
     def _pair(self, graph: gs.Graph, conv: gs.Node, result: PassResult) -> tuple[gs.Node, gs.Node] | None:
-        if weight_of(conv) is None or len(conv.inputs) > 2 and const_value(conv.inputs[2]) is None:
+        if weight_of(conv) is None or len(conv.inputs) > 2 and not has_const_value(conv.inputs[2]):
             return None
         t = conv.outputs[0]
         label = f"Conv {conv.name}"
@@ -86,7 +86,7 @@ class CrossLayerEqualizationPass(GraphPass):
             if nxt.inputs[0] is not t:
                 return None
             if nxt.op in HOMOGENEOUS or (nxt.op == "Clip" and _unbounded_above_from_zero(nxt)):
-                if nxt.op == "PRelu" and const_value(nxt.inputs[1]) is None:
+                if nxt.op == "PRelu" and not has_const_value(nxt.inputs[1]):
                     return None
                 between.append(nxt)
                 if len(between) > 1:

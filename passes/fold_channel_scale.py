@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgeq.ir import const_value, unique_name
+from edgeq.ir import const_value, has_const_value, unique_name
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 
 LINEAR_OPS = ("Conv", "MatMul", "Gemm")
@@ -35,7 +35,7 @@ def weight_of(node: gs.Node) -> np.ndarray | None:
         return None
     if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
         return None
-    if const_value(node.inputs[0]) is not None:
+    if has_const_value(node.inputs[0]):
         return None
     w = const_value(node.inputs[1])
     if w is None or w.dtype.kind != "f":
@@ -186,7 +186,7 @@ class FoldChannelScalePass(GraphPass):
     def _split(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
         a, b = node.inputs[0], node.inputs[1]
         cb = const_value(b)
-        if cb is not None and const_value(a) is None and cb.dtype.kind == "f":
+        if cb is not None and not has_const_value(a) and cb.dtype.kind == "f":
             return a, cb
         ca = const_value(a)
         if node.op == "Mul" and ca is not None and cb is None and ca.dtype.kind == "f":

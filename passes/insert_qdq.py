@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgeq.errors import UnsupportedModelError
-from edgeq.ir import const_value, name_nodes, narrow_constant, tensor_dtype
+from edgeq.ir import const_value, has_const_value, name_nodes, narrow_constant, tensor_dtype
 from edgeq.op_tables import (BIAS_INPUTS, MASK_PROPAGATING, NEVER_QUANTIZED, SCALE_SHARING, WEIGHT_INPUTS,
                              data_inputs, reduction_axis, weight_axis)
 from edgeq.pass_base import GraphPass, PassContext, PassResult
@@ -75,7 +75,7 @@ class InsertQdqPass(GraphPass):
         result = PassResult()
         plan = _Planner(self, graph, profile, stats, ctx.precision, result)
         acts, weights = plan.plan()
-        _Rewriter(graph, profile, result, ctx.moments).apply(acts, weights, plan.params_of)
+        _Rewriter(graph, profile, result, ctx.moments, ctx.spill).apply(acts, weights, plan.params_of)
         result.changed = result.rewrites > 0
         result.notes.update(quantized_activations=len(acts), quantized_weights=len(weights))
         return result
@@ -177,7 +177,7 @@ class _Planner:
                     seed = mask[t.name]
             if seed is None:
                 continue
-            others = [t for t in ins if t.name not in mask and const_value(t) is None]
+            others = [t for t in ins if t.name not in mask and not has_const_value(t)]
             if any(t.name in compute for t in others):
                 continue  # merge point (scores + mask): the output is ordinary activation data
             for t in node.outputs:
@@ -211,7 +211,7 @@ class _Planner:
                 continue
             for idx in self._inputs_to_quantize(node):
                 t = node.inputs[idx]
-                if const_value(t) is not None:
+                if has_const_value(t):
                     kind = self._const_kind(node, idx)
                     if kind:
                         weights.append((node, idx, kind))
@@ -249,7 +249,7 @@ class _Planner:
         if node.op in COMPUTE_OPS:
             return True
         ins = [t for t in node.inputs if t.name]
-        return len(ins) >= 2 and all(const_value(t) is None and t.name in fused_outputs for t in ins)
+        return len(ins) >= 2 and all(not has_const_value(t) and t.name in fused_outputs for t in ins)
 
     def _inputs_to_quantize(self, node: gs.Node) -> list[int]:
         idxs = [i for i in data_inputs(node.op, len(node.inputs)) if node.inputs[i].name]
@@ -260,7 +260,7 @@ class _Planner:
         return idxs
 
     def _residual_input(self, node: gs.Node) -> list[int]:
-        acts = [i for i, t in enumerate(node.inputs[:2]) if const_value(t) is None]
+        acts = [i for i, t in enumerate(node.inputs[:2]) if not has_const_value(t)]
         if len(acts) != 2:
             return []
         prods = [node.inputs[i].inputs[0] if node.inputs[i].inputs else None for i in acts]
@@ -362,7 +362,7 @@ class _Planner:
             for node in cur.outputs:
                 if node.op in ("MatMul", "Gemm"):
                     others = [x for x in node.inputs[:2] if x is not cur]
-                    if others and all(const_value(x) is None for x in others):
+                    if others and all(not has_const_value(x) for x in others):
                         return "activations"
                     found = "weights"
                 elif node.op in ("Conv", "ConvTranspose"):
@@ -445,8 +445,8 @@ def flushed_fraction(obs, half_step: float) -> float:
 
 
 class _Rewriter:
-    def __init__(self, graph: gs.Graph, profile, result: PassResult, moments=None):
-        self.graph, self.profile, self.result = graph, profile, result
+    def __init__(self, graph: gs.Graph, profile, result: PassResult, moments=None, spill=None):
+        self.graph, self.profile, self.result, self.spill = graph, profile, result, spill
         self.moments = moments if profile.weights.rounding == "gptq" else None
         self.gptq_ratios: list[float] = []
         self.weight_cache: dict[tuple, gs.Variable] = {}
@@ -527,6 +527,8 @@ class _Rewriter:
                 qt = narrow_constant(f"{t.name}/quantized", qw.q, spec.dtype)
             else:
                 qt = gs.Constant(f"{t.name}/quantized", qw.q)
+                if self.spill is not None:
+                    self.spill.put(qt)
             s, z = self._qdq_constants(t.name, qw.scale, qw.zero_point, spec.dtype)
             out = gs.Variable(f"{t.name}/dequantized", dtype=w.dtype, shape=list(w.shape))
             attrs = {}
@@ -639,7 +641,7 @@ def erf_gelu_interiors(graph: gs.Graph) -> tuple[set[str], set[str]]:
         scale = erf.inputs[0].inputs[0] if erf.inputs[0].inputs else None
         if scale is None or scale.op not in ("Div", "Mul"):
             continue
-        x = next((t for t in scale.inputs if const_value(t) is None), None)
+        x = next((t for t in scale.inputs if not has_const_value(t)), None)
         add = only_consumer(erf.outputs[0], "Add")
         mul = only_consumer(add.outputs[0], "Mul") if add is not None else None
         if x is None or mul is None:
@@ -653,7 +655,7 @@ def erf_gelu_interiors(graph: gs.Graph) -> tuple[set[str], set[str]]:
             inner.append(half)
         else:
             last = only_consumer(mul.outputs[0], "Mul")
-            if last is not None and any(const_value(t) is not None for t in last.inputs):
+            if last is not None and any(has_const_value(t) for t in last.inputs):
                 inner.append(last)
         nodes.update(n.name for n in inner)
         result = _gelu_output(inner)

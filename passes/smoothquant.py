@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgeq.ir import const_value, unique_name
+from edgeq.ir import const_value, has_const_value, unique_name
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 from edgeq.passes.fold_channel_scale import (channel_vector, in_channels, input_channel_absmax, scale_inputs,
                                              scale_outputs, set_const, tensor_rank, weight_of)
@@ -62,7 +62,7 @@ class SmoothQuantPass(GraphPass):
         alphas: dict[str, float | None] = {}
         groups: dict[str, tuple[gs.Tensor, list[gs.Node]]] = {}
         for node in graph.nodes:
-            if node.op in ("MatMul", "Gemm") and node.inputs and const_value(node.inputs[0]) is None:
+            if node.op in ("MatMul", "Gemm") and node.inputs and not has_const_value(node.inputs[0]):
                 x = node.inputs[0]
                 groups.setdefault(x.name, (x, []))[1].append(node)
         for x, nodes in groups.values():
@@ -177,7 +177,7 @@ class SmoothQuantPass(GraphPass):
                     set_const(prod, i, (v * inv).astype(c.dtype), graph, "smoothed")
             return fold_ln
         if prod.op in ("MatMul", "Gemm") and weight_of(prod) is not None:
-            if prod.op == "Gemm" and len(prod.inputs) > 2 and const_value(prod.inputs[2]) is None:
+            if prod.op == "Gemm" and len(prod.inputs) > 2 and not has_const_value(prod.inputs[2]):
                 return f"Gemm {prod.name}: bias is not constant"
             return lambda: scale_outputs(prod, inv, graph, "smoothed")
         if prod.op in ("Add", "Mul"):

@@ -83,3 +83,28 @@ def test_quantize_keeps_weights_on_disk_for_large_models(tmp_path, monkeypatch):
     x = {"x": rng.normal(size=(1, 16, 64)).astype(np.float32)}
     np.testing.assert_allclose(make_session(tmp_path / "q.onnx").run(None, x)[0],
                                make_session(small.output).run(None, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_weights_spill_to_disk_and_save_like_in_memory_ones(tmp_path):
+    from edgeq.large_model import WeightSpill
+    from edgeq.ir import to_model
+
+    path = _external_model(tmp_path)
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 16, 64)).astype(np.float32)} for _ in range(3)]
+    full = load_model(path)
+    stats = calibrate(full, samples)
+    spill = WeightSpill(min_bytes=0)
+    graph = to_graph(load_model(path, load_external_data=False))
+    make_pass("insert_qdq").run(graph, PassContext(profile=load_profile("tensorrt"), stats=stats, spill=spill))
+    spilled = [t for t in graph.tensors().values() if isinstance(t._values if hasattr(t, "_values") else None,
+                                                                 ExternalValues) and t.name.endswith("/quantized")]
+    assert len(spilled) == 6 and spill.bytes == sum(t._values.nbytes for t in spilled)
+    out = save_streaming(graph, full, tmp_path / "q.onnx")
+    spill.close()
+    assert not spill.folder.exists()
+    graph2 = to_graph(full)
+    make_pass("insert_qdq").run(graph2, PassContext(profile=load_profile("tensorrt"), stats=stats))
+    a = make_session(out).run(None, samples[0])[0]
+    b = make_session(to_model(graph2, full)).run(None, samples[0])[0]
+    np.testing.assert_array_equal(a, b)

@@ -21,7 +21,7 @@ import onnx
 
 from edgeq.calibration.observers import TensorObserver
 from edgeq.calibration.stats import CalibrationStats
-from edgeq.errors import CalibrationDataError, ModelLoadError
+from edgeq.errors import ModelLoadError
 from edgeq.model_io import EXTERNAL_DATA_THRESHOLD
 
 Optimization = Literal["none", "basic", "all"]
@@ -129,28 +129,21 @@ def calibrate(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]], *,
               progress: Callable[[int, int | None], None] | None = None, total: int | None = None,
               data_fingerprint: str = "") -> CalibrationStats:
     """Observe ``tensors`` (default: all) of ``model`` over ``data``; returns streaming statistics."""
+    from edgeq.calibration.segments import run_segmented
+
     names = tensors if tensors is not None else observable_tensors(model)
     per_channel = set(per_channel)
-    session = make_session(model, outputs=names)
-    out_names = [o.name for o in session.get_outputs()]
-    observers = {n: TensorObserver(per_channel=n in per_channel) for n in out_names}
-    count = 0
-    start = time.perf_counter()
-    for feed in data:
-        try:
-            values = session.run(None, feed)
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0][:300]
-            raise CalibrationDataError(f"running the model on calibration sample {count} failed: {msg}") from None
-        for name, value in zip(out_names, values):
+    observers: dict[str, TensorObserver] = {}
+
+    def observe(_sample: int, values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            if name not in observers:
+                observers[name] = TensorObserver(per_channel=name in per_channel)
             if isinstance(value, np.ndarray):
                 observers[name].update(value)
-        del values
-        count += 1
-        if progress:
-            progress(count, total)
-    if count == 0:
-        raise CalibrationDataError("calibration data contains no samples")
+
+    start = time.perf_counter()
+    count = run_segmented(model, data, names, observe, progress=progress, total=total)
     log.info("calibrated %d tensors on %d samples in %.1fs", len(observers), count, time.perf_counter() - start)
     overflowed = [n for n, o in observers.items() if math.isinf(o.min) and o.min < 0 or math.isinf(o.max) and o.max > 0]
     if overflowed:

@@ -20,7 +20,6 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgeq.errors import CalibrationDataError
 from edgeq.op_tables import conv_pads
 
 log = logging.getLogger(__name__)
@@ -141,7 +140,7 @@ def collect_moments(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]
                     seed: int = 0, progress: Callable[[int, int | None], None] | None = None,
                     total: int | None = None) -> MomentSet:
     """Measure ``Σ x xᵀ`` of every eligible Conv/MatMul/Gemm input of ``model`` over ``data``."""
-    from edgeq.calibration.calibrate import make_session
+    from edgeq.calibration.segments import run_segmented
 
     result = MomentSet()
     layers = _weighted_layers(model, max_reduction, budget_bytes, result.skipped)
@@ -149,20 +148,16 @@ def collect_moments(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]
         return result
     wshape = {i.name: tuple(i.dims) for i in model.graph.initializer}
     inputs = sorted({layer.node.input[0] for layer in layers})
-    session = make_session(model, outputs=inputs)
     for layer in layers:
         shape = (layer.groups, layer.reduction, layer.reduction)
         result.layers[layer.node.name] = LayerMoments(layer.node.name, layer.node.op_type, np.zeros(shape),
                                                       holdout=np.zeros(shape))
     rng = np.random.default_rng(seed)
-    for feed in data:
-        try:
-            values = dict(zip(inputs, session.run(inputs, feed)))
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0][:300]
-            raise CalibrationDataError(f"running the model on calibration sample {result.samples} failed: "
-                                       f"{msg}") from None
-        for layer in layers:
+
+    def accumulate(sample: int, values: dict[str, np.ndarray]) -> None:
+        for layer in layers:  # in node order, whatever segment the values come from
+            if layer.node.input[0] not in values:
+                continue
             rows = _rows(layer, values[layer.node.input[0]], wshape[layer.node.input[1]])
             if rows.shape[1] > rows_per_sample:
                 rows = rows[:, rng.choice(rows.shape[1], rows_per_sample, replace=False)]
@@ -173,13 +168,11 @@ def collect_moments(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]
             product = np.matmul(rows.transpose(0, 2, 1), rows)
             acc.matrix += product
             acc.rows += rows.shape[1]
-            if result.samples % 2:
+            if sample % 2:
                 acc.holdout += product
                 acc.holdout_rows += rows.shape[1]
-        del values
-        result.samples += 1
-        if progress:
-            progress(result.samples, total)
+
+    result.samples = run_segmented(model, data, inputs, accumulate, progress=progress, total=total)
     log.info("measured input moments of %d layers on %d samples", len(layers), result.samples)
     return result
 
