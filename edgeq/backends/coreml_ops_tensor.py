@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Var
+from coremltools.converters.mil.mil import Var, types
 
 from edgeq.backends.coreml_context import LoweringContext, NodeUnsupported, shape_of, translates
 from edgeq.backends.coreml_quant import QuantizedWeight
@@ -146,6 +146,10 @@ def gather(ctx: LoweringContext, node):
     else:
         ctx.note(f"{node.name or node.output[0]}: run-time Gather indices must be non-negative on Core ML")
     like = data if isinstance(data, Var) else None
+    if isinstance(data, Var) and data.dtype == types.bool:  # MIL gathers numbers only: a mask goes via int32
+        picked = mb.gather(x=mb.cast(x=data, dtype="int32", name=ctx.tmp_name("as_int")), indices=ctx.var(indices),
+                           axis=axis, name=ctx.tmp_name("gather"))
+        return mb.cast(x=picked, dtype="bool", name=ctx.out_name())
     return mb.gather(x=ctx.var(data, like), indices=ctx.var(indices), axis=axis, name=ctx.out_name())
 
 

@@ -703,6 +703,10 @@ OP_CASES = {
         [("mm", F), ("mmc", F), ("gemm", F), ("gemm2", F)],
         [("w3", _randn(3, 5, 2)), ("g", _randn(5, 4)), ("c", _randn(1, 4)), ("g2", _randn(6, 3)),
          ("c2", _randn(5, 6))]),
+    "gather from a boolean mask": lambda: _single(
+        [_n("Greater", ["x", "zero"], ["m"]), _n("Gather", ["m", "idx"], ["mg"], axis=1),
+         _n("Cast", ["mg"], ["y"], to=F)],
+        {"x": X4}, [("y", F)], [("zero", np.array(0, np.float32)), ("idx", np.array([3, 0], np.int64))]),
     "shape arithmetic is folded": lambda: _single(
         [_n("Shape", ["x"], ["s"]), _n("Slice", ["s", "b", "e"], ["hw"]), _n("ReduceProd", ["hw"], ["n"], keepdims=1),
          _n("Concat", ["head", "n"], ["shape"], axis=0), _n("Reshape", ["x", "shape"], ["y"]),
