@@ -189,7 +189,7 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
             calib_stats.save(stats)
     timings["calibrate_s"] = time.perf_counter() - start
     moments = None
-    if profile.weights.rounding == "gptq":
+    if profile.weights.rounding == "gptq" and profile.placement.mode != "none":
         from edgeq.calibration.moments import collect_moments
         from edgeq.precision import name_all_nodes
 
@@ -216,7 +216,8 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     start = time.perf_counter()
     graph = to_graph(canonical)
     spill = WeightSpill() if large else None  # removed after saving (or when this call fails)
-    manager.run(graph, [make_pass("insert_qdq")],
+    post = [make_pass(s.name, s.options, source=profile.source) for s in profile.post_passes]
+    manager.run(graph, [make_pass("insert_qdq"), *post],
                 PassContext(profile=profile, stats=calib_stats, precision=precision_plan, moments=moments,
                             spill=spill))
     moments = None  # the rounding is done; large models' moments are a large share of memory
@@ -347,8 +348,14 @@ def quantization_summary(model: onnx.ModelProto) -> dict:
 
     int8_compute = [n for n in compute if len(n.input) > 1 and fed_by_dq(n.input[0]) and fed_by_dq(n.input[1])]
     weight_only = [n for n in compute if len(n.input) > 1 and fed_by_dq(n.input[1]) and not fed_by_dq(n.input[0])]
+    half = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    half |= {v.name for v in list(model.graph.value_info) + list(model.graph.output)
+             if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    half |= {n.output[0] for n in model.graph.node if n.op_type == "Cast" and any(
+        a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)}
     return {"compute_ops": len(compute), "compute_ops_quantized": len(int8_compute),
             "compute_ops_weight_only": len(weight_only),
+            "compute_ops_float16": sum(1 for n in compute if n.input and n.input[0] in half),
             "quantized_compute_fraction": len(int8_compute) / len(compute) if compute else None,
             "float_compute_ops": [f"{n.op_type} {n.name}" for n in compute if n not in int8_compute
                                   and n not in weight_only],

@@ -57,8 +57,9 @@ def _print_quantize(rep: dict) -> None:
     frac = q["quantized_compute_fraction"]
     click.echo(f"quantized {q['compute_ops_quantized']}/{q['compute_ops']} Conv/MatMul/Gemm"
                f"{f' ({frac:.0%})' if frac is not None else ''}, {q['quantize_nodes']} activation Q/DQ, "
-               f"{q['dequantize_nodes'] - q['quantize_nodes']} weight DQ; {len(rep['skipped'])} skipped "
-               f"(see report)")
+               f"{q['dequantize_nodes'] - q['quantize_nodes']} weight DQ"
+               f"{f', {n16} in float16' if (n16 := q.get('compute_ops_float16')) else ''}; "
+               f"{len(rep['skipped'])} skipped (see report)")
     fb = rep.get("fallback")
     if fb:
         click.echo(f"fallback: {fb['stopped']}; kept in float: {', '.join(fb['float_nodes']) or 'none'} "
@@ -245,8 +246,10 @@ def targets(ctx):
     if ctx.invoked_subcommand is None:
         from edgeq.profiles import list_targets
 
-        for p in list_targets():
-            click.echo(f"{p.name:<12} {p.description}")
+        profiles = list_targets()
+        width = max((len(p.name) for p in profiles), default=0)
+        for p in profiles:
+            click.echo(f"{p.name:<{width}}  {p.description}")
 
 
 @targets.command("show")

@@ -58,10 +58,11 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
     constants, as the target's compiler would; Q/DQ nodes are never folded, so quantized weights stay quantized."""
     import onnx_graphsurgeon as gs
 
-    from edgeq.ir import fold_static_shapes
+    from edgeq.ir import fold_static_shapes, quiet_onnxruntime
 
     graph = gs.import_onnx(model)
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    quiet_onnxruntime()
     fold_static_shapes(graph)
     try:
         graph.fold_constants(fold_shapes=True, error_ok=True, flatten_subgraphs=False, size_threshold=1 << 20,

@@ -65,6 +65,15 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
     return model
 
 
+def quiet_onnxruntime() -> None:
+    """ONNX Runtime's graph-optimiser warnings (graphsurgeon folds constants with it) are not the user's concern."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(3)
+
+
 def is_constant(t: gs.Tensor) -> bool:
     return isinstance(t, gs.Constant)
 

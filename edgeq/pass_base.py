@@ -88,6 +88,7 @@ PASS_MODULES = {
     "fold_channel_scale": "fold_channel_scale",
     "clamp_mask_constants": "clamp_mask_constants",
     "to_matmulnbits": "matmul_nbits",
+    "to_fp16": "convert_fp16",
 }
 
 

@@ -193,7 +193,7 @@ def _stage_profile(spec: PipelineSpec, stage: StageSpec, index: int, base: Path,
             profile = check_value(TargetProfile, merged, source, f"stages[{index}].profile")
             from edgeq.pass_base import make_pass
 
-            for p in profile.passes:
+            for p in profile.passes + profile.post_passes:
                 make_pass(p.name, p.options, source=label)
         except ProfileError as exc:
             raise PipelineError(str(exc)) from None

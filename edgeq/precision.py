@@ -244,12 +244,14 @@ class FallbackResult:
 
 def quantize_with_plan(canonical: onnx.ModelProto, profile, stats, plan: PrecisionPlan | None,
                        template: onnx.ModelProto | None = None, moments=None) -> onnx.ModelProto:
-    """Run only insert_qdq on the (named, canonical) model with the given plan."""
+    """Run insert_qdq and the profile's post_passes on the (named, canonical) model with the given plan."""
     from edgeq.ir import to_graph, to_model
     from edgeq.pass_base import PassContext, make_pass
 
     graph = to_graph(canonical)
-    make_pass("insert_qdq").run(graph, PassContext(profile=profile, stats=stats, precision=plan, moments=moments))
+    ctx = PassContext(profile=profile, stats=stats, precision=plan, moments=moments)
+    for p in [make_pass("insert_qdq")] + [make_pass(s.name, s.options) for s in profile.post_passes]:
+        p.run(graph, ctx)
     return to_model(graph, template or canonical)
 
 

@@ -80,7 +80,7 @@ class FixedScale:
 class PlacementSpec:
     # "inputs": Q/DQ on the activation inputs of `ops` only (TensorRT); "all": every float tensor (QNN);
     # "weights": weights only, activations stay float (weight-only compression).
-    mode: Literal["inputs", "all", "weights"] = "inputs"
+    mode: Literal["inputs", "all", "weights", "none"] = "inputs"  # none: no Q/DQ (float16 profiles)
     ops: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
     residual_add: bool = False
     float_ops: tuple[str, ...] = ()
@@ -147,7 +147,8 @@ class TargetProfile:
     activations: ActivationSpec = field(default_factory=ActivationSpec)
     weights: WeightSpec = field(default_factory=WeightSpec)
     placement: PlacementSpec = field(default_factory=PlacementSpec)
-    passes: tuple[PassSpec, ...] = ()
+    passes: tuple[PassSpec, ...] = ()  # graph passes before calibration
+    post_passes: tuple[PassSpec, ...] = ()  # after Q/DQ insertion, with the final calibration statistics
     thresholds: Thresholds = field(default_factory=Thresholds)
     overrides: tuple[Override, ...] = ()
     compile: CompileSpec = field(default_factory=CompileSpec)
@@ -223,7 +224,7 @@ def _check_passes(profile: TargetProfile, source: str) -> None:
     """Unknown passes and pass options are profile errors at load time, not halfway through a run."""
     from edgeq.pass_base import make_pass
 
-    for spec in profile.passes:
+    for spec in profile.passes + profile.post_passes:
         make_pass(spec.name, spec.options, source=source)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from edgeq.ir import fold_static_shapes
+from edgeq.ir import fold_static_shapes, quiet_onnxruntime
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 
 
@@ -30,6 +30,7 @@ class FoldConstantsPass(GraphPass):
         before = len(graph.nodes)
         gs_logger = logging.getLogger("onnx_graphsurgeon")
         gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+        quiet_onnxruntime()
         if self.options.fold_shapes:
             fold_static_shapes(graph)
         try:

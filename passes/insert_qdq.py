@@ -22,7 +22,8 @@ statistics, nodes kept in float by the profile or overrides, a small layer readi
 (``placement.float_input_layers``). Preconditions: canonicalised float graph without Q/DQ
 nodes; opset high enough for the dtypes (the pipeline upgrades it). Not numerically exact: the quantization error is
 bounded by the scales.
-Targets: all (placement modes ``inputs`` for TensorRT/ORT-CPU, ``all`` for QNN, ``weights`` for Core ML).
+Targets: all (placement modes ``inputs`` for TensorRT/ORT-CPU, ``all`` for QNN, ``weights`` for Core ML; ``none``
+inserts nothing, for float16 profiles).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class InsertQdqPass(GraphPass):
                                         "give edgeq the float model")
         name_nodes(graph)
         result = PassResult()
+        if profile.placement.mode == "none":  # float-only profiles (float16): nothing to quantize
+            result.notes.update(quantized_activations=0, quantized_weights=0)
+            return result
         plan = _Planner(self, graph, profile, stats, ctx.precision, result)
         acts, weights = plan.plan()
         _Rewriter(graph, profile, result, ctx.moments, ctx.spill).apply(acts, weights, plan.params_of)

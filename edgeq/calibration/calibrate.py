@@ -86,6 +86,7 @@ def _session(source, threads: int, optimize: Optimization, providers: list | Non
              lean: bool = False):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # graph-optimiser warnings (e.g. on float16 graphs) are not the user's concern
     so = ort.SessionOptions()
     values = []
     if weights:  # memory-mapped initializers handed to ORT without a copy; kept alive with the session
