@@ -73,8 +73,8 @@ def _print_quantize(rep: dict) -> None:
         click.echo(_thresholds_table(rep))
         lat = v.get("latency_ms") or {}
         if lat:
-            click.echo(f"latency (ORT CPU, median): fp32 {_ms(lat['reference'])}, quantized {_ms(lat['candidate'])}"
-                       + (f" ({lat['note']})" if lat.get("note") else ""))
+            click.echo(f"latency (ORT CPU, median): fp32 {_ms(lat.get('reference'))}, "
+                       f"quantized {_ms(lat.get('candidate'))}" + (f" ({lat['note']})" if lat.get("note") else ""))
         click.echo("PASSED" if v["passed"] else "FAILED: " + "; ".join(v["failures"]))
 
 
@@ -174,7 +174,7 @@ def validate(reference, candidate, data, target, report, backend, soc, min_cosin
     click.echo(summary_table(result.as_dict()))
     lat = result.latency_ms
     if lat:
-        click.echo(f"latency median: reference {_ms(lat['reference'])}, candidate {_ms(lat['candidate'])} ({backend})"
+        click.echo(f"latency median: reference {_ms(lat.get('reference'))}, candidate {_ms(lat.get('candidate'))} ({backend})"
                    + (f"; {lat['note']}" if lat.get("note") else ""))
     click.echo("PASSED" if result.passed else "FAILED: " + "; ".join(result.failures))
     sys.exit(0 if result.passed else 1)

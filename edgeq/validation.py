@@ -121,16 +121,22 @@ def compare(reference: str | Path, candidate: str | Path, data: Iterable[dict], 
 
 def _compare_large(reference, candidate, data, *, thresholds, backend, latency_runs, threads, soc, progress,
                    total) -> ValidationResult:
-    """A reference over the large-model size runs in segments (:mod:`edgeq.calibration.segments`) after the
-    candidate, on the stored samples, so that its weights are never in memory at once; its latency is therefore
-    not measured (the candidate's is)."""
+    """A reference over the large-model size runs in segments (:mod:`edgeq.calibration.segments`) on the stored
+    samples, so that its weights are never in memory at once, and so does an ONNX Runtime candidate over that size
+    (a float16 one: ONNX Runtime CPU would widen its weights back to float32). A segmented model's latency is not
+    measured; a candidate run whole is timed."""
     from edgeq.calibration.segments import SampleStore, run_segmented
 
     ref_model = load_model(reference, check=False, load_external_data=False)
     inits = {i.name for i in ref_model.graph.initializer}
     ref_names = [o.name for o in ref_model.graph.output]
-    cand_run = candidate_runner(Path(candidate), backend, threads=threads, soc=soc)
-    cand_names = getattr(cand_run, "output_names", ref_names)
+    segmented = backend == "ort" and model_size_bytes(candidate) >= LARGE_MODEL_BYTES
+    if segmented:
+        cand_model = load_model(candidate, check=False, load_external_data=False)
+        cand_run, cand_names = None, [o.name for o in cand_model.graph.output]
+    else:
+        cand_run = candidate_runner(Path(candidate), backend, threads=threads, soc=soc)
+        cand_names = getattr(cand_run, "output_names", ref_names)
     _check_outputs(ref_names, cand_names)
     metrics = {n: OutputMetrics(n) for n in ref_names}
     store = SampleStore()
@@ -141,31 +147,45 @@ def _compare_large(reference, candidate, data, *, thresholds, backend, latency_r
         for feed in data:
             if first_feed is None:
                 first_feed, feed_names = feed, [n for n in feed if n not in inits]
-            cand_out = _run_candidate(cand_run, cand_names, feed, count)
             for name in feed_names:
                 store.put(count, f"input:{name}", feed[name])
-            for name in ref_names:
-                store.put(count, f"candidate:{name}", cand_out[name])
-            del cand_out
+            if cand_run is not None:
+                cand_out = _run_candidate(cand_run, cand_names, feed, count)
+                for name in ref_names:
+                    store.put(count, f"candidate:{name}", cand_out[name])
+                del cand_out
             count += 1
             if progress:
                 progress(count, total)
         if count == 0:
             raise CalibrationDataError("evaluation data contains no samples")
-        if latency_runs and first_feed is not None and not getattr(cand_run, "emulated", False):
+
+        def stored_feeds():
+            return ({n: store.get(i, f"input:{n}") for n in feed_names} for i in range(count))
+
+        def keep(i: int, values: dict[str, np.ndarray]) -> None:
+            for name, value in values.items():
+                store.put(i, f"candidate:{name}", value)
+
+        if segmented:
+            try:
+                run_segmented(cand_model, stored_feeds(), ref_names, keep, what="evaluation")
+            except CalibrationDataError as exc:
+                raise EdgeqError(f"candidate model: {exc}") from None
+        latency: dict = {}
+        note = "over the large-model size, run in segments to bound memory: latency not measured"
+        if latency_runs and cand_run is not None and not getattr(cand_run, "emulated", False):
             latency = {"reference": None, "candidate": measure_latency(cand_run, first_feed, latency_runs),
-                       "speedup": None, "note": "the reference is over the large-model size and runs in segments "
-                                                "to bound memory; its latency is not measured"}
-        else:
-            latency = {}
+                       "speedup": None, "note": f"the reference is {note}"}
+        elif latency_runs and segmented:
+            latency = {"note": f"reference and candidate are {note}"}
         del cand_run
 
         def visit(i: int, values: dict[str, np.ndarray]) -> None:
             for name, value in values.items():
                 _update(metrics[name], value, store.get(i, f"candidate:{name}"))
 
-        feeds = ({n: store.get(i, f"input:{n}") for n in feed_names} for i in range(count))
-        run_segmented(ref_model, feeds, ref_names, visit, what="evaluation")
+        run_segmented(ref_model, stored_feeds(), ref_names, visit, what="evaluation")
     finally:
         store.close()
     result = _result(metrics, count, thresholds, backend)

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from edgeq.ir import const_value
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 
 FP16_MAX = 65504.0
@@ -76,7 +77,7 @@ class ConvertFloat16Pass(GraphPass):
                 self.skip(result, label, reason)
         result.rewrites = len(plans)
         if plans:
-            _rewrite(graph, plans)
+            _rewrite(graph, plans, ctx.spill)
             result.changed = True
         result.notes.update(float16_nodes=len(plans), float32_islands=len(result.skipped))
         return result
@@ -107,7 +108,7 @@ class ConvertFloat16Pass(GraphPass):
             return None, "feeds a QuantizeLinear"
         for t in tied:
             if isinstance(t, gs.Constant):
-                v = np.asarray(t.values)
+                v = const_value(t)  # large models: read from disk, not kept
                 finite = np.abs(v[np.isfinite(v)]) if v.size else v
                 if finite.size and finite.max() > FP16_MAX:  # inf stays inf; a huge finite value would become it
                     return None, f"constant {t.name} holds {float(finite.max()):.3g}, beyond float16's " \
@@ -162,7 +163,7 @@ def _finite_peak(obs) -> float:
 
 def _dtype(t: gs.Tensor, stats: dict):
     if isinstance(t, gs.Constant):
-        return np.asarray(t.values).dtype.type
+        return np.dtype(t.dtype).type
     if t.dtype is not None:
         return np.dtype(t.dtype).type
     obs = stats.get(t.name)
@@ -174,7 +175,7 @@ def _reads_as_float32(consumer: gs.Node, t: gs.Tensor, plans: dict[int, _Plan]) 
     return any(x is t and (plan is None or j not in plan.inputs) for j, x in enumerate(consumer.inputs))
 
 
-def _rewrite(graph: gs.Graph, plans: dict[int, _Plan]) -> None:
+def _rewrite(graph: gs.Graph, plans: dict[int, _Plan], spill=None) -> None:
     half: dict[str, gs.Tensor] = {}  # float32 tensor name -> its float16 twin
     new_nodes: list[gs.Node] = []
     graph_outputs = {id(t) for t in graph.outputs}
@@ -193,7 +194,9 @@ def _rewrite(graph: gs.Graph, plans: dict[int, _Plan]) -> None:
             t = node.inputs[i]
             if t.name not in half:
                 if isinstance(t, gs.Constant):
-                    half[t.name] = gs.Constant(f"{t.name}/fp16", np.asarray(t.values).astype(np.float16))
+                    half[t.name] = gs.Constant(f"{t.name}/fp16", const_value(t).astype(np.float16))
+                    if spill is not None:  # large models: the float16 weights go to disk as they are made
+                        spill.put(half[t.name])
                 else:
                     t16 = gs.Variable(f"{t.name}/fp16", dtype=np.float16, shape=t.shape)
                     new_nodes.append(gs.Node("Cast", f"{t.name}/to_fp16", attrs={"to": onnx.TensorProto.FLOAT16},

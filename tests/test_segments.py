@@ -131,17 +131,26 @@ def test_validation_of_a_large_reference_runs_it_in_segments(tmp_path, monkeypat
     np.savez(tmp_path / "c.npz", x=np.stack([s["x"][0] for s in _samples(4)]))
     small = edgeq.api.quantize(path, target="ort-cpu", calib=tmp_path / "c.npz", eval_data=tmp_path / "c.npz",
                                output=tmp_path / "q.onnx", latency_runs=2)
-    monkeypatch.setattr(edgeq.validation, "LARGE_MODEL_BYTES", 0)
-    monkeypatch.setattr(segments, "SEGMENT_BYTES", 32 * 32 * 4)
+    from edgeq.model_io import model_size_bytes
     from edgeq.profiles import load_profile
 
-    large = edgeq.validation.compare(path, tmp_path / "q.onnx", edgeq.api.open_dataset(
-        tmp_path / "c.npz", edgeq.api.model_inputs(load_model(path))), thresholds=load_profile("ort-cpu").thresholds,
-        latency_runs=2)
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 32 * 32 * 4)
     ref = small.report["validation"]["outputs"][0]
-    got = large.outputs[0]
-    assert got["name"] == ref["name"] and large.samples == 4
-    assert got["cosine_mean"] == pytest.approx(ref["cosine_mean"], abs=1e-6)
-    assert got["sqnr_db"] == pytest.approx(ref["sqnr_db"], abs=1e-3)
-    assert large.latency_ms["reference"] is None and large.latency_ms["candidate"]["runs"] == 2
-    assert "segments" in large.latency_ms["note"]
+    # only the reference is over the limit: the candidate runs whole and is timed
+    monkeypatch.setattr(edgeq.validation, "LARGE_MODEL_BYTES", model_size_bytes(tmp_path / "q.onnx") + 1)
+    # then both: the candidate runs in segments too, nothing is timed
+    for both in (False, True):
+        if both:
+            monkeypatch.setattr(edgeq.validation, "LARGE_MODEL_BYTES", 0)
+        large = edgeq.validation.compare(path, tmp_path / "q.onnx", edgeq.api.open_dataset(
+            tmp_path / "c.npz", edgeq.api.model_inputs(load_model(path))),
+            thresholds=load_profile("ort-cpu").thresholds, latency_runs=2)
+        got = large.outputs[0]
+        assert got["name"] == ref["name"] and large.samples == 4
+        assert got["cosine_mean"] == pytest.approx(ref["cosine_mean"], abs=1e-5)
+        assert got["sqnr_db"] == pytest.approx(ref["sqnr_db"], abs=0.05)
+        if both:
+            assert "reference" not in large.latency_ms and "reference and candidate" in large.latency_ms["note"]
+        else:
+            assert large.latency_ms["reference"] is None and large.latency_ms["candidate"]["runs"] == 2
+            assert "the reference is over" in large.latency_ms["note"]

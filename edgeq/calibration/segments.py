@@ -110,7 +110,7 @@ class SampleStore:
         self.files = 0
 
     def put(self, sample: int, name: str, value: np.ndarray) -> None:
-        value = np.asarray(value)
+        value = np.array(value, copy=True)  # never a view into a feed's batch array or a runtime's buffer
         if self.in_memory + value.nbytes > self.budget:
             if self.folder is None:
                 self.folder = Path(tempfile.mkdtemp(prefix="edgeq-segments-"))
@@ -204,7 +204,8 @@ def run_segmented(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]],
                     if seen:
                         visit(i, seen)
                 try:
-                    values = session.run(outs, {n: feed[n] for n in seg.inputs})
+                    # copies: a view of ONNX Runtime's buffers would keep this segment's session alive
+                    values = [np.array(v) for v in session.run(outs, {n: feed[n] for n in seg.inputs})]
                 except Exception as exc:
                     raise _run_failed(i, exc, what) from None
                 for name, value in zip(outs, values):
