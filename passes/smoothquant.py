@@ -8,8 +8,9 @@ Rewrites: ``X / s`` is folded into X's producer -- LayerNormalization gamma and 
 Gemm or ``Mul(gamma)`` (decomposed LayerNorm); a MatMul/Gemm's output columns -- or, when there is none, a
 ``Mul(X, 1/s)`` is inserted (only where the profile quantizes the consumers' activations). ``s`` is folded into the
 rows of every consumer's weight. With ``search_alpha`` each group picks alpha from a small grid (or no smoothing)
-by a W8A8 error proxy computed from the statistics alone (per-tensor activation step times the weight energy, plus
-per-channel weight steps times the activation energy estimated from the channel abs-max).
+by the group's W8A8 output error measured on the calibration rows the observer sampled (the profile's activation
+format, per-channel int8 weights); without those rows, by a proxy from the statistics alone (per-tensor activation
+step times the weight energy, plus per-channel weight steps times the activation energy from the channel abs-max).
 When X is also read by other ops (the residual Add of a post-LN transformer) and ``shared_inputs`` is set, only the
 MatMul/Gemm branch is smoothed, through an inserted ``Mul(X, 1/s)`` that the other readers bypass.
 Preconditions: per-channel statistics of X (the pipeline gathers them because ``needs_stats`` is set).
@@ -29,6 +30,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from edgeq.calibration.observers import TensorObserver
 from edgeq.ir import const_value, has_const_value, unique_name
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 from edgeq.passes.fold_channel_scale import (channel_vector, in_channels, input_channel_absmax, scale_inputs,
@@ -60,6 +62,7 @@ class SmoothQuantPass(GraphPass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         alphas: dict[str, float | None] = {}
+        gains: dict[str, float] = {}
         groups: dict[str, tuple[gs.Tensor, list[gs.Node]]] = {}
         for node in graph.nodes:
             if node.op in ("MatMul", "Gemm") and node.inputs and not has_const_value(node.inputs[0]):
@@ -67,17 +70,19 @@ class SmoothQuantPass(GraphPass):
                 groups.setdefault(x.name, (x, []))[1].append(node)
         for x, nodes in groups.values():
             label = ", ".join(f"{n.op} {n.name}" for n in nodes)
-            reason = self._smooth(graph, ctx, x, alphas)
+            reason = self._smooth(graph, ctx, x, alphas, gains)
             if reason:
                 self.skip(result, label, reason)
             else:
                 result.rewrites += 1
         result.changed = result.rewrites > 0
         result.notes["alpha"] = {k: v for k, v in alphas.items()}
+        if gains:  # error without smoothing / with the chosen alpha, per group
+            result.notes["error_reduction"] = gains
         return result
 
     # ------------------------------------------------------------------------------------------------------------
-    def _smooth(self, graph: gs.Graph, ctx: PassContext, x: gs.Tensor, alphas: dict) -> str | None:
+    def _smooth(self, graph: gs.Graph, ctx: PassContext, x: gs.Tensor, alphas: dict, gains: dict) -> str | None:
         users, others = [], []
         for u in x.outputs:
             linear = u.op in ("MatMul", "Gemm") and u.inputs[0] is x and not any(t is x for t in u.inputs[1:])
@@ -105,10 +110,15 @@ class SmoothQuantPass(GraphPass):
         if ratio < self.options.min_outlier_ratio:
             return f"no outlier channels (max/median channel range {ratio:.1f} < {self.options.min_outlier_ratio:g})"
         if self.options.search_alpha:
-            alpha = self._search(act, [weight_of(u) for u in users], users, w_max)
+            rows = getattr(obs, "rows", None)
+            measure = _layer_error(rows, users, ctx.profile) if rows is not None and len(rows) and \
+                rows.shape[1] == act.size else None
+            alpha, gain = self._search(act, [weight_of(u) for u in users], users, w_max, measure)
             alphas[x.name] = alpha
+            gains[x.name] = round(gain, 3)
             if alpha is None:
-                return "no smoothing: the W8A8 error proxy is lowest without it"
+                return f"no smoothing: the W8A8 error {'measured on calibration rows' if measure else 'proxy'} " \
+                       f"is lowest without it"
         else:
             alpha = self.options.alpha
             alphas[x.name] = alpha
@@ -134,7 +144,8 @@ class SmoothQuantPass(GraphPass):
         s = np.where(np.isfinite(s) & (s > 0) & (act > 0) & (w_max > 0), s, 1.0)
         return np.clip(s, self.options.min_scale, self.options.max_scale)
 
-    def _search(self, act, weights, users, w_max) -> float | None:
+    def _search(self, act, weights, users, w_max, measure=None) -> tuple[float | None, float]:
+        """The best alpha (None: no smoothing) and the error without smoothing over the error with it."""
         def proxy(s: np.ndarray) -> float:
             xs = act / s
             dx = xs.max() / 127.0
@@ -146,12 +157,14 @@ class SmoothQuantPass(GraphPass):
                 total += dx**2 * float((ws**2).sum()) + float((dw**2).sum()) * float((xs**2).sum())
             return total
 
-        best, best_alpha = proxy(np.ones_like(act)), None
+        error = measure or proxy
+        best = plain = error(np.ones_like(act))
+        best_alpha = None
         for alpha in ALPHA_GRID:
-            err = proxy(self._scales(act, w_max, alpha))
+            err = error(self._scales(act, w_max, alpha))
             if err < best * (1 - 1e-6):
                 best, best_alpha = err, alpha
-        return best_alpha
+        return best_alpha, plain / best if best > 0 else 1.0
 
     # -- folding 1/s before the consumers ------------------------------------------------------------------------
     def _producer_fold(self, graph: gs.Graph, x: gs.Tensor, inv: np.ndarray) -> Callable[[], None] | str:
@@ -214,6 +227,46 @@ class SmoothQuantPass(GraphPass):
             for u in users:
                 u.inputs[0] = y
         return insert
+
+
+def _layer_error(rows: np.ndarray, users: list[gs.Node], profile) -> Callable[[np.ndarray], float] | None:
+    """The W8A8 output error of the group for smoothing scales ``s``, measured on the calibration rows sampled by
+    the observer: per-tensor activation quantization with the profile's dtype, symmetry and observer (its clipping
+    range, computed on the scaled rows), per-output-channel symmetric weights, nearest rounding. None where the
+    profile's formats are not integers."""
+    spec_a = profile.activations if profile is not None else None
+    bits = {"int8": 8, "uint8": 8, "int16": 16, "uint16": 16}
+    if spec_a is None or spec_a.dtype not in bits or profile.weights.dtype != "int8":
+        return None
+    levels, symmetric = 2 ** bits[spec_a.dtype] - 1, spec_a.symmetric or spec_a.dtype.startswith("int")
+    x = rows.astype(np.float64)
+    mats = []
+    for u in users:
+        w = weight_of(u).astype(np.float64)
+        mats.append(w.T if u.op == "Gemm" and int(u.attrs.get("transB", 0)) else w)  # -> [K, N]
+    refs = [x @ w for w in mats]
+
+    def error(s: np.ndarray) -> float:
+        xs = x / s
+        obs = TensorObserver()  # the clipping range the profile's observer would choose for these values
+        obs.update(xs.astype(np.float32))
+        lo, hi = obs.range(spec_a.observer, percentile=spec_a.percentile, symmetric=symmetric, levels=levels + 1)
+        if symmetric:
+            step = max(hi, 1e-30) / (levels // 2)
+            xq = np.clip(np.round(xs / step), -(levels // 2), levels // 2) * step
+        else:
+            step = max(hi - lo, 1e-30) / levels
+            zero = np.round(-lo / step)
+            xq = (np.clip(np.round(xs / step) + zero, 0, levels) - zero) * step
+        total = 0.0
+        for w, ref in zip(mats, refs):
+            ws = w * s[:, None]
+            wstep = np.abs(ws).max(axis=0) / 127.0
+            wstep[wstep == 0] = 1.0
+            total += float(((xq @ (np.round(ws / wstep) * wstep) - ref) ** 2).sum())
+        return total
+
+    return error
 
 
 def _rows(node: gs.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:

@@ -134,3 +134,24 @@ def test_empty_folder_and_missing_path(tmp_path):
         open_dataset(tmp_path, SPEC)
     with pytest.raises(CalibrationDataError, match="not found"):
         open_dataset(tmp_path / "nope.npz", SPEC)
+
+
+def test_per_channel_observer_keeps_a_uniform_deterministic_sample_of_rows():
+    from edgeq.calibration.observers import ROW_SAMPLE, TensorObserver
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(4, 100, 8)).astype(np.float32) + i for i in range(10)]  # batch i has mean i
+    a, b = TensorObserver(per_channel=True), TensorObserver(per_channel=True)
+    for x in batches:
+        a.update(x)
+        b.update(x)
+    assert a.rows.shape == (ROW_SAMPLE, 8) and a.rows_seen == 4000
+    np.testing.assert_array_equal(a.rows, b.rows)  # reproducible: quantized bytes must not depend on chance
+    every = np.concatenate([x.reshape(-1, 8) for x in batches])
+    assert all((every == r).all(axis=1).any() for r in a.rows[:50]), "sampled rows are real rows"
+    means = np.bincount(np.clip(np.round(a.rows.mean(axis=1)).astype(int), 0, 9), minlength=10)
+    assert means.min() > ROW_SAMPLE / 10 * 0.5, means  # late batches are not crowded out by early ones
+    assert TensorObserver().rows is None, "only per-channel observers sample rows"
+    bad = np.full((1, 3, 8), np.nan, np.float32)
+    a.update(bad)
+    assert np.isfinite(a.rows).all() and a.rows_seen == 4000

@@ -13,10 +13,12 @@ import math
 import numpy as np
 
 NUM_BINS = 4096
+ROW_SAMPLE = 512
 
 
 class TensorObserver:
-    __slots__ = ("min", "max", "hist", "bound", "count", "channel_absmax", "dtype", "shape")
+    __slots__ = ("min", "max", "hist", "bound", "count", "channel_absmax", "rows", "rows_seen", "_rng", "dtype",
+                 "shape")
 
     def __init__(self, *, per_channel: bool = False):
         self.min = math.inf
@@ -25,6 +27,11 @@ class TensorObserver:
         self.bound = 0.0  # histogram covers [-bound, bound]
         self.count = 0
         self.channel_absmax: np.ndarray | None = np.zeros(0, np.float32) if per_channel else None
+        # per-channel observers also keep a uniform sample of rows (vectors along the last axis), so that a pass can
+        # measure a layer's quantization error on real inputs (SmoothQuant's alpha search); not saved with stats
+        self.rows: np.ndarray | None = None
+        self.rows_seen = 0
+        self._rng = np.random.default_rng(0) if per_channel else None
         self.dtype: str | None = None
         self.shape: tuple | None = None
 
@@ -66,6 +73,23 @@ class TensorObserver:
                     np.maximum(self.channel_absmax.max(), cmax)
             else:
                 np.maximum(self.channel_absmax, cmax, out=self.channel_absmax)
+            self._sample_rows(x.reshape(-1, x.shape[-1]))
+
+    def _sample_rows(self, rows: np.ndarray) -> None:
+        """Reservoir sampling (algorithm R) of up to ``ROW_SAMPLE`` finite rows."""
+        rows = rows[np.isfinite(rows).all(axis=1)]
+        if self.rows is None or self.rows.shape[1] != rows.shape[1]:
+            self.rows, self.rows_seen = np.zeros((0, rows.shape[1]), np.float32), 0
+        fill = min(ROW_SAMPLE - len(self.rows), len(rows))
+        if fill > 0:
+            self.rows = np.concatenate([self.rows, rows[:fill].astype(np.float32)])
+        rest = rows[fill:]
+        if len(rest):
+            seen = self.rows_seen + fill + np.arange(len(rest))
+            slot = (self._rng.random(len(rest)) * (seen + 1)).astype(np.int64)
+            for i in np.flatnonzero(slot < ROW_SAMPLE):
+                self.rows[slot[i]] = rest[i]
+        self.rows_seen += len(rows)
 
     def _grow(self, amax: float) -> None:
         while self.bound < amax:

@@ -177,3 +177,40 @@ def test_min_outlier_ratio_skips_groups_without_outliers():
     assert res.rewrites == 1 and res.notes["alpha"].keys() == {"ln"}
     assert any("no outlier channels" in s.reason for s in res.skipped)
     assert "Mul" not in [n.op_type for n in out.graph.node]
+
+
+def test_search_measures_each_candidate_on_the_sampled_calibration_rows():
+    from edgeq.passes.smoothquant import _layer_error
+
+    m = _block()
+    stats = _stats(m)
+    rows = stats.tensors["ln"].rows
+    assert rows is not None and rows.shape == (8 * T, K), "every row is kept while fewer than the sample size"
+    g = to_graph(m)
+    users = [n for n in g.nodes if n.op == "MatMul" and n.inputs[0].name == "ln"]
+    profile = load_profile("tensorrt")
+    error = _layer_error(rows, users, profile)
+    act = stats.tensors["ln"].channel_absmax.astype(np.float64)
+    s = np.sqrt(act)  # alpha 0.5 with unit weights: the 40x channels are scaled down
+    assert error(s) < 0.5 * error(np.ones(K)), "outlier channels: smoothing halves the measured W8A8 error"
+    assert _layer_error(rows, users, load_profile("tensorrt-fp8")) is None  # not an integer format: the proxy
+    _, res = _smooth(m, profile=profile, search_alpha=True)
+    assert res.notes["alpha"]["ln"] is not None
+
+
+def test_search_picks_the_alpha_with_the_least_measured_error():
+    from edgeq.passes.fold_channel_scale import input_channel_absmax, weight_of
+    from edgeq.passes.smoothquant import ALPHA_GRID, SmoothQuantPass, _layer_error
+
+    m = _block(seed=4)
+    stats = _stats(m)
+    profile = load_profile("ort-cpu")
+    g = to_graph(m)
+    users = [n for n in g.nodes if n.op == "MatMul" and n.inputs[0].name == "ln"]
+    act = stats.tensors["ln"].channel_absmax.astype(np.float64)
+    w_max = np.max([input_channel_absmax(u, weight_of(u)) for u in users], axis=0)
+    error = _layer_error(stats.tensors["ln"].rows, users, profile)
+    sq = SmoothQuantPass(SmoothQuantPass.Options(search_alpha=True))
+    errors = {None: error(np.ones(K)), **{a: error(sq._scales(act, w_max, a)) for a in ALPHA_GRID}}
+    _, res = _smooth(m, profile=profile, search_alpha=True)
+    assert res.notes["alpha"]["ln"] == min(errors, key=errors.get)
