@@ -3,9 +3,10 @@
     python -m benchmarks.large [--layers 11 --dim 2048] [--out benchmarks/results] [--work DIR]
 
 The model is written layer by layer straight into its external-data file (it is never one protobuf in memory).
-Both tools quantize it in a child process on the same calibration samples; the table gives wall time, the
-child's own peak RSS (``os.wait4``) next to the model size, and the fidelity of each result against FP32
-(ONNX Runtime CPU, file-backed sessions).
+Both tools quantize it in a child process on the same calibration samples (edgeq end to end: with ``--eval``, so
+its validation against FP32 is included; INT8 and float16); the table gives wall time, the child's own peak RSS
+(``os.wait4``) next to the model size, and the fidelity of each result against FP32 (ONNX Runtime CPU,
+file-backed sessions, measured afterwards in this process).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--target", default="tensorrt")
+    ap.add_argument("--fp16-target", default="tensorrt-fp16")
     ap.add_argument("--skip-ort", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed after)")
@@ -141,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(calib, x=rng.standard_normal((args.samples, args.seq, args.dim), dtype=np.float32))
         rows = {"model_bytes": size, "layers": args.layers, "dim": args.dim, "seq": args.seq,
                 "calib_samples": args.samples}
-        out_e = work / "edgeq.onnx"
-        m = run_measured(python_module("edgeq", "quantize", model, "-t", args.target, "--calib", calib, "-o", out_e),
-                         timeout=3600)
-        rows["edgeq"] = {"ok": m.ok, "wall_seconds": m.wall_seconds, "peak_rss_mb": m.peak_rss_mb,
-                         **({"error": m.output[-1500:]} if not m.ok else {})}
-        if m.ok:
-            rows["edgeq"].update(_fidelity(model, out_e, calib))
+        for tool, target in (("edgeq", args.target), ("edgeq " + args.fp16_target, args.fp16_target)):
+            out_e = work / f"{target}.onnx"
+            # end to end, as a user runs it: load, calibrate, Q/DQ, save and validate against FP32 (--eval)
+            m = run_measured(python_module("edgeq", "quantize", model, "-t", target, "--calib", calib, "--eval",
+                                           calib, "-o", out_e), timeout=3600)
+            rows[tool] = {"ok": m.ok, "wall_seconds": m.wall_seconds, "peak_rss_mb": m.peak_rss_mb, "target": target,
+                          **({"error": m.output[-1500:]} if not m.ok else {})}
+            if m.ok:
+                rows[tool].update(_fidelity(model, out_e, calib))
+                rows[tool]["output_bytes"] = out_e.stat().st_size + (work / f"{target}.onnx.data").stat().st_size
+            out_e.unlink(missing_ok=True)
+            (work / f"{target}.onnx.data").unlink(missing_ok=True)
         for tool, mode in (() if args.skip_ort else (("onnxruntime", "static"),
                                                       ("onnxruntime+external", "static_external_data"))):
             out_o = work / f"{mode}.onnx"
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {args.layers} layers x {args.dim}, {gb:.2f} GiB of weights")
         print("| tool | ok | wall (s) | peak RSS (GiB) | RSS / model size | cosine vs FP32 |")
         print("|---|---|---|---|---|---|")
-        for tool in ("edgeq", "onnxruntime", "onnxruntime+external"):
+        for tool in ("edgeq", "edgeq " + args.fp16_target, "onnxruntime", "onnxruntime+external"):
             r = rows.get(tool)
             if r:
                 print(f"| {tool} | {r['ok'] or r['error']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb'] / 1024:.2f} | "
