@@ -154,3 +154,18 @@ def test_validation_of_a_large_reference_runs_it_in_segments(tmp_path, monkeypat
         else:
             assert large.latency_ms["reference"] is None and large.latency_ms["candidate"]["runs"] == 2
             assert "the reference is over" in large.latency_ms["note"]
+
+
+def test_a_first_segment_with_nothing_to_keep_still_takes_in_the_samples(tmp_path):
+    """Segment 0 computes only dead ends (its outputs are neither wanted nor read later): the samples must still be
+    counted and the graph input passed on to the segment that reads it."""
+    path = _stack(tmp_path, blocks=1)
+    model = load_model(path, load_external_data=False)
+    rng = np.random.default_rng(0)
+    dead = onnx.numpy_helper.from_array(rng.normal(size=(32, 32)).astype(np.float32), "dead_w")
+    model.graph.initializer.append(dead)
+    model.graph.node.insert(0, helper.make_node("MatMul", ["x", "dead_w"], ["dead"], name="dead_end"))
+    seen = []
+    count = run_segmented(model, _samples(3), [model.graph.output[0].name], lambda i, v: seen.append(i),
+                          segment_bytes=32 * 32 * 4)
+    assert count == 3 and sorted(set(seen)) == [0, 1, 2]

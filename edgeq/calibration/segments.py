@@ -189,9 +189,9 @@ def run_segmented(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]],
             produced = [o for n in seg.nodes for o in n.output if o]
             keep = [o for o in produced if last_read.get(o, -1) > k]
             outs = list(dict.fromkeys([o for o in produced if o in wanted_set] + keep))
-            if not outs:
-                continue
-            session = make_session(_segment_model(model, seg, outs, dtypes), outputs=outs)
+            if not outs and k > 0:
+                continue  # nothing of it is wanted or read later (segment 0 still takes in the samples)
+            session = make_session(_segment_model(model, seg, outs, dtypes), outputs=outs) if outs else None
             feeds = data if k == 0 else ({n: store.get(i, n) for n in seg.inputs} for i in range(count))
             i = 0
             for feed in feeds:
@@ -205,7 +205,8 @@ def run_segmented(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]],
                         visit(i, seen)
                 try:
                     # copies: a view of ONNX Runtime's buffers would keep this segment's session alive
-                    values = [np.array(v) for v in session.run(outs, {n: feed[n] for n in seg.inputs})]
+                    values = [np.array(v) for v in session.run(outs, {n: feed[n] for n in seg.inputs})] \
+                        if session is not None else []
                 except Exception as exc:
                     raise _run_failed(i, exc, what) from None
                 for name, value in zip(outs, values):
