@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,6 +326,8 @@ def _convert(tp: Any, value: Any, source: str, where: str) -> Any:
             raise ProfileError(f"{source}: {where} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e9 (no dot) as a string; anyone writing it means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProfileError(f"{source}: {where} must be a number, got {value!r}")
         return float(value)
@@ -333,6 +336,9 @@ def _convert(tp: Any, value: Any, source: str, where: str) -> Any:
             raise ProfileError(f"{source}: {where} must be a string, got {value!r}")
         return value
     return value
+
+
+_YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def check_value(tp: Any, value: Any, source: str, where: str) -> Any:

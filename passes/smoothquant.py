@@ -52,12 +52,15 @@ class SmoothQuantPass(GraphPass):
         insert_mul: bool = True
         shared_inputs: bool = True
         min_outlier_ratio: float = 0.0  # smooth only when max/median of the channel abs-max reaches this
+        min_error_reduction: float = 1.0  # search_alpha: smooth only when the error falls by at least this factor
 
         def __post_init__(self):
             if not 0.0 <= self.alpha <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
             if not 0 < self.min_scale <= 1.0 <= self.max_scale:
                 raise ValueError("need 0 < min_scale <= 1 <= max_scale")
+            if not self.min_error_reduction >= 1.0:
+                raise ValueError(f"min_error_reduction must be >= 1, got {self.min_error_reduction}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -116,6 +119,10 @@ class SmoothQuantPass(GraphPass):
             alpha, gain = self._search(act, [weight_of(u) for u in users], users, w_max, measure)
             alphas[x.name] = alpha
             gains[x.name] = round(gain, 3)
+            if alpha is not None and gain < self.options.min_error_reduction:
+                alphas[x.name] = None
+                return f"no smoothing: the W8A8 error falls only {gain:.2f}x (< min_error_reduction " \
+                       f"{self.options.min_error_reduction:g})"
             if alpha is None:
                 return f"no smoothing: the W8A8 error {'measured on calibration rows' if measure else 'proxy'} " \
                        f"is lowest without it"

@@ -63,3 +63,17 @@ def test_circular_extends(tmp_path):
 def test_unknown_target_lists_builtins():
     with pytest.raises(ProfileError, match="tensorrt"):
         load_profile("tensorrrt")
+
+
+def test_an_exponent_without_a_dot_is_read_as_the_number_yaml_1_1_leaves_as_a_string(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("extends: tensorrt\nname: p\nactivations: {max_abs_range: 1e5}\n"
+                 "post_passes:\n  - name: to_fp16\n    options: {max_abs: 2e4}\n")
+    prof = load_profile(p)
+    from edgeq.pass_base import make_pass
+
+    assert prof.activations.max_abs_range == 1e5
+    assert make_pass("to_fp16", prof.post_passes[0].options).options.max_abs == 2e4
+    p.write_text("extends: tensorrt\nname: p\nactivations: {max_abs_range: big}\n")
+    with pytest.raises(ProfileError, match="must be a number"):
+        load_profile(p)

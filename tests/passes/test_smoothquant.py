@@ -214,3 +214,19 @@ def test_search_picks_the_alpha_with_the_least_measured_error():
     errors = {None: error(np.ones(K)), **{a: error(sq._scales(act, w_max, a)) for a in ALPHA_GRID}}
     _, res = _smooth(m, profile=profile, search_alpha=True)
     assert res.notes["alpha"]["ln"] == min(errors, key=errors.get)
+
+
+def test_min_error_reduction_leaves_groups_whose_measured_gain_is_small():
+    m = _block()
+    _, res = _smooth(m, profile=load_profile("tensorrt"), search_alpha=True)
+    gain = res.notes["error_reduction"]["ln"]
+    assert gain > 2 and res.notes["alpha"]["ln"] is not None
+    out, strict = _smooth(m, profile=load_profile("tensorrt"), search_alpha=True, min_error_reduction=gain * 1.01)
+    assert strict.notes["alpha"]["ln"] is None
+    assert any("falls only" in s.reason and "min_error_reduction" in s.reason for s in strict.skipped)
+    feeds = _data(2, seed=3)
+    np.testing.assert_allclose(_run(out, feeds), _run(m, feeds), rtol=1e-5, atol=1e-5)
+    from edgeq.errors import ProfileError
+
+    with pytest.raises(ProfileError, match="min_error_reduction"):
+        make_pass("smoothquant", {"min_error_reduction": 0.5})
