@@ -12,8 +12,10 @@ Kept in float32, each with a reason in the report (the *islands*):
   precision plan keeps in float;
 - nodes with a tensor whose calibrated magnitude exceeds ``max_abs`` (float16's largest value is 65504; the
   default leaves 4x headroom for data beyond the calibration set) or a constant float16 cannot hold;
-- integer layers and their neighbours: nodes reading a ``DequantizeLinear`` output or feeding a ``QuantizeLinear``
-  (TensorRT fuses those patterns only without a Cast in between), and Q/DQ nodes themselves;
+- integer layers and their neighbours: nodes reading a dequantized activation or feeding a ``QuantizeLinear``
+  (TensorRT fuses those patterns only without a Cast in between), and Q/DQ nodes themselves. A dequantized
+  *weight* (weight-only INT8/INT4, opset >= 19) does not stop a layer: its ``DequantizeLinear`` gets a float16
+  scale and feeds the layer directly (W8A16 / W4A16, TensorRT's weight-only form);
 - ops without a float16 schema, other domains, nodes with subgraphs, and nodes whose tensor types are unknown.
 
 Preconditions: shape inference ran (tensor types are known); calibration statistics give the ranges (without them
@@ -102,7 +104,8 @@ class ConvertFloat16Pass(GraphPass):
             return None, "tensor types unknown" if outputs else ""
         if any(d != np.float32 for d in types):
             return None, ""  # not float32 data (integer arithmetic, or already another float type)
-        if any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in (node.inputs[i] for i in inputs)):
+        dequantized = [t for t in (node.inputs[i] for i in inputs) if t.inputs and t.inputs[0].op == "DequantizeLinear"]
+        if any(not _is_weight_dq(t, int(graph.opset)) for t in dequantized):
             return None, "" if node.op in _INTEGER_LAYERS else "reads a dequantized value"
         if any(c.op == "QuantizeLinear" for i in outputs for c in node.outputs[i].outputs):
             return None, "feeds a QuantizeLinear"
@@ -170,6 +173,14 @@ def _dtype(t: gs.Tensor, stats: dict):
     return np.dtype(obs.dtype).type if obs is not None and obs.dtype else None
 
 
+def _is_weight_dq(t: gs.Tensor, opset: int) -> bool:
+    """``t`` is a dequantized constant (weight-only quantization) whose DequantizeLinear can output float16
+    directly (a float16 scale needs opset 19): the layer then runs as W8A16 / W4A16."""
+    dq = t.inputs[0]
+    return opset >= 19 and isinstance(dq.inputs[0], gs.Constant) and len(dq.inputs) > 1 and \
+        isinstance(dq.inputs[1], gs.Constant)
+
+
 def _reads_as_float32(consumer: gs.Node, t: gs.Tensor, plans: dict[int, _Plan]) -> bool:
     plan = plans.get(id(consumer))
     return any(x is t and (plan is None or j not in plan.inputs) for j, x in enumerate(consumer.inputs))
@@ -193,7 +204,14 @@ def _rewrite(graph: gs.Graph, plans: dict[int, _Plan], spill=None) -> None:
         for i in plan.inputs:
             t = node.inputs[i]
             if t.name not in half:
-                if isinstance(t, gs.Constant):
+                dq = t.inputs[0] if t.inputs and t.inputs[0].op == "DequantizeLinear" else None
+                if dq is not None and id(t) not in graph_outputs and \
+                        not any(_reads_as_float32(c, t, plans) for c in t.outputs):
+                    scale = dq.inputs[1]  # the weight's DequantizeLinear outputs float16 itself: no Cast
+                    dq.inputs[1] = gs.Constant(f"{scale.name}/fp16", const_value(scale).astype(np.float16))
+                    t.dtype = np.float16
+                    half[t.name] = t
+                elif isinstance(t, gs.Constant):
                     half[t.name] = gs.Constant(f"{t.name}/fp16", const_value(t).astype(np.float16))
                     if spill is not None:  # large models: the float16 weights go to disk as they are made
                         spill.put(half[t.name])

@@ -51,7 +51,7 @@ def _import_trt(model: Path, output: Path, options: TensorrtOptions):
     except ImportError:
         raise BackendUnavailableError(
             "building a TensorRT engine needs the 'tensorrt' package (NVIDIA's index; pip install 'edgeq[tensorrt]' "
-            f"on a machine with an NVIDIA GPU). The QDQ model is TensorRT-ready; build it there with: "
+            f"on a machine with an NVIDIA GPU). The model is TensorRT-ready; build it there with: "
             f"{trtexec_command(model, output, options)}") from None
     return trt
 

@@ -219,3 +219,31 @@ def test_float16_targets_quantize_nothing_and_convert_every_layer(tmp_path, targ
         for i in m.graph.initializer:
             counts[i.data_type] += int(np.prod(i.dims))
     assert weights[1].get(TensorProto.FLOAT16, 0) >= weights[0][TensorProto.FLOAT] - 64, "weights stored as float16"
+
+
+def test_weight_only_int4_becomes_w4a16_with_float16_scales_and_no_cast_before_the_matmul(tmp_path):
+    import edgeq.api
+
+    model = make_transformer_block(dim=64)
+    onnx.save(model, str(tmp_path / "b.onnx"))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(5).normal(size=(8, 16, 64)).astype(np.float32))
+    (tmp_path / "w4a16.yaml").write_text("extends: tensorrt-int4\nname: w4a16\nweights: {block_size: 32}\n"
+                                         "post_passes:\n  - name: to_fp16\n")
+    kw = dict(calib=tmp_path / "c.npz", eval_data=tmp_path / "c.npz", latency_runs=0)
+    w4a32 = edgeq.api.quantize(tmp_path / "b.onnx", target="tensorrt-int4", output=tmp_path / "a.onnx", **kw)
+    w4a16 = edgeq.api.quantize(tmp_path / "b.onnx", target=tmp_path / "w4a16.yaml", output=tmp_path / "h.onnx", **kw)
+    q = onnx.load(str(tmp_path / "h.onnx"))
+    producers = {o: n for n in q.graph.node for o in n.output}
+    inits = {i.name: i for i in q.graph.initializer}
+    weight_mm = [n for n in q.graph.node if n.op_type == "MatMul" and n.input[1] in producers
+                 and producers[n.input[1]].op_type == "DequantizeLinear"]
+    assert len(weight_mm) == 6
+    for n in weight_mm:
+        dq = producers[n.input[1]]
+        assert inits[dq.input[0]].data_type == TensorProto.INT4 and inits[dq.input[1]].data_type == F16
+        assert producers[n.input[0]].op_type != "DequantizeLinear"
+    types = _types(q)
+    assert all(types[n.input[0]] == F16 for n in weight_mm), "activations reach the int4 MatMuls in float16"
+    ref = w4a32.report["validation"]["outputs"][0]
+    got = w4a16.report["validation"]["outputs"][0]
+    assert got["sqnr_db"] > ref["sqnr_db"] - 1.0 and w4a16.passed, (ref["sqnr_db"], got["sqnr_db"])
