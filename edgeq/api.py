@@ -216,7 +216,9 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     start = time.perf_counter()
     graph = to_graph(canonical)
     spill = WeightSpill() if large else None  # removed after saving (or when this call fails)
-    post = [make_pass(s.name, s.options, source=profile.source) for s in profile.post_passes]
+    from edgeq.precision import post_passes
+
+    post = post_passes(profile, source=profile.source)  # fp16 overrides mean float16, not float32
     manager.run(graph, [make_pass("insert_qdq"), *post],
                 PassContext(profile=profile, stats=calib_stats, precision=precision_plan, moments=moments,
                             spill=spill))

@@ -250,9 +250,20 @@ def quantize_with_plan(canonical: onnx.ModelProto, profile, stats, plan: Precisi
 
     graph = to_graph(canonical)
     ctx = PassContext(profile=profile, stats=stats, precision=plan, moments=moments)
-    for p in [make_pass("insert_qdq")] + [make_pass(s.name, s.options) for s in profile.post_passes]:
+    for p in [make_pass("insert_qdq"), *post_passes(profile)]:
         p.run(graph, ctx)
     return to_model(graph, template or canonical)
+
+
+def post_passes(profile, source: str = "profile") -> list:
+    """The passes that run after Q/DQ insertion: the profile's ``post_passes``, plus ``to_fp16`` limited to the
+    overridden nodes when overrides ask for fp16 and the profile does not convert to float16 anyway."""
+    from edgeq.pass_base import make_pass
+
+    post = [make_pass(s.name, s.options, source=source) for s in profile.post_passes]
+    if any(ov.precision == "fp16" for ov in profile.overrides) and not any(p.name == "to_fp16" for p in post):
+        post.append(make_pass("to_fp16", {"scope": "overrides"}))
+    return post
 
 
 def name_all_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

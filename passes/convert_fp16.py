@@ -57,11 +57,16 @@ class ConvertFloat16Pass(GraphPass):
     class Options:
         keep_ops: tuple[str, ...] = ("LayerNormalization", "GroupNormalization", "InstanceNormalization")
         max_abs: float = 16384.0  # a tensor calibrated beyond this magnitude keeps its node in float32
+        # "all": every eligible node; "overrides": only nodes a profile override gives precision fp16 (what edgeq
+        # runs by itself when a profile has fp16 overrides but no to_fp16 pass)
+        scope: str = "all"
 
         def __post_init__(self):
             object.__setattr__(self, "keep_ops", tuple(self.keep_ops))
             if not 0 < self.max_abs <= FP16_MAX:
                 raise ValueError(f"max_abs must be in (0, {FP16_MAX:g}], got {self.max_abs}")
+            if self.scope not in ("all", "overrides"):
+                raise ValueError(f"scope must be all or overrides, got {self.scope!r}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -69,10 +74,17 @@ class ConvertFloat16Pass(GraphPass):
         if ctx.stats is None:
             result.notes["ranges"] = "no calibration statistics: islands from op types and constants only"
         keep_float = set(getattr(ctx.precision, "float_nodes", ()) or ())
+        overrides = list(getattr(ctx.profile, "overrides", ()) or ())
         plans: dict[int, _Plan] = {}  # by id(node): graphsurgeon nodes are not hashable
         for node in graph.nodes:
             label = f"{node.op} {node.name}"
-            plan, reason = self._plan(node, graph, stats, keep_float)
+            asked = {ov.precision for ov in overrides if ov.op_type == node.op or ov.node == node.name}
+            if self.options.scope == "overrides" and "fp16" not in asked:
+                continue
+            if "float" in asked:
+                self.skip(result, label, "kept in float32 by a profile override (--keep-float)")
+                continue
+            plan, reason = self._plan(node, graph, stats, keep_float - ({node.name} if "fp16" in asked else set()))
             if plan is not None:
                 plans[id(node)] = plan
             elif reason:

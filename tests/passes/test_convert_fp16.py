@@ -247,3 +247,34 @@ def test_weight_only_int4_becomes_w4a16_with_float16_scales_and_no_cast_before_t
     ref = w4a32.report["validation"]["outputs"][0]
     got = w4a16.report["validation"]["outputs"][0]
     assert got["sqnr_db"] > ref["sqnr_db"] - 1.0 and w4a16.passed, (ref["sqnr_db"], got["sqnr_db"])
+
+
+def test_fp16_overrides_mean_float16_and_keep_float_means_float32(tmp_path):
+    """tensorrt + an fp16 override on the score scaling Mul: that node (only) runs in float16, without a to_fp16 pass
+    in the profile; on tensorrt-fp16, --keep-float Softmax keeps it in float32."""
+    import dataclasses
+
+    import edgeq.api
+    from edgeq.profiles import Override
+
+    onnx.save(make_transformer_block(), str(tmp_path / "b.onnx"))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(5).normal(size=(8, 16, 32)).astype(np.float32))
+    kw = dict(calib=tmp_path / "c.npz", eval_data=tmp_path / "c.npz", latency_runs=0)
+    base = load_profile("tensorrt")
+    half = dataclasses.replace(base, overrides=(Override(node="scale_scores", precision="fp16"),))
+    res = edgeq.api.quantize(tmp_path / "b.onnx", target=half, output=tmp_path / "h.onnx", **kw)
+    q = onnx.load(str(tmp_path / "h.onnx"))
+    types = _types(q)
+    mul = _node(q, "scale_scores")
+    assert types[mul.input[0]] == F16 and types[mul.output[0]] == F16
+    assert sum(1 for n in q.graph.node if n.op_type == "Cast") == 2, "one Cast in, one out"
+    fp16 = next(p for p in res.report["passes"] if p["name"] == "to_fp16")
+    assert fp16["notes"]["float16_nodes"] == 1 and res.passed
+    fp = load_profile("tensorrt-fp16")
+    kept = dataclasses.replace(fp, overrides=(Override(op_type="Softmax", precision="float"),))
+    res = edgeq.api.quantize(tmp_path / "b.onnx", target=kept, output=tmp_path / "k.onnx", **kw)
+    q = onnx.load(str(tmp_path / "k.onnx"))
+    types = _types(q)
+    assert types[_node(q, "softmax").output[0]] == TensorProto.FLOAT
+    assert types[_node(q, "scores").output[0]] == F16 or types[_node(q, "fc1").output[0]] == F16
+    assert any(s["target"] == "Softmax softmax" and "--keep-float" in s["reason"] for s in res.report["skipped"])
