@@ -24,6 +24,7 @@ from edgeq.large_model import LARGE_MODEL_BYTES, WeightSpill, release_memory
 from edgeq.model_io import (check_output_path, default_opset, ensure_opset, load_model, model_size_bytes, save_model,
                             staged_output)
 from edgeq.pass_base import PassContext, PassManager, make_pass
+from edgeq.precision import post_passes
 from edgeq.profiles import TargetProfile, Thresholds, load_profile
 from edgeq.quant_math import required_opset
 from edgeq.report import SCHEMA, SampleDigest, sha256_file, tool_versions, write_report
@@ -216,8 +217,6 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     start = time.perf_counter()
     graph = to_graph(canonical)
     spill = WeightSpill() if large else None  # removed after saving (or when this call fails)
-    from edgeq.precision import post_passes
-
     post = post_passes(profile, source=profile.source)  # fp16 overrides mean float16, not float32
     manager.run(graph, [make_pass("insert_qdq"), *post],
                 PassContext(profile=profile, stats=calib_stats, precision=precision_plan, moments=moments,

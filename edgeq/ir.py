@@ -66,7 +66,8 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
 
 
 def quiet_onnxruntime() -> None:
-    """ONNX Runtime's graph-optimiser warnings (graphsurgeon folds constants with it) are not the user's concern."""
+    """ONNX Runtime's graph-optimiser warnings (on float16 graphs, or when graphsurgeon folds constants with it) are
+    not the user's concern."""
     try:
         import onnxruntime
     except ImportError:

@@ -22,6 +22,7 @@ import onnx
 from edgeq.calibration.observers import TensorObserver
 from edgeq.calibration.stats import CalibrationStats
 from edgeq.errors import ModelLoadError
+from edgeq.ir import quiet_onnxruntime
 from edgeq.model_io import EXTERNAL_DATA_THRESHOLD
 
 Optimization = Literal["none", "basic", "all"]
@@ -86,7 +87,7 @@ def _session(source, threads: int, optimize: Optimization, providers: list | Non
              lean: bool = False):
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)  # graph-optimiser warnings (e.g. on float16 graphs) are not the user's concern
+    quiet_onnxruntime()
     so = ort.SessionOptions()
     values = []
     if weights:  # memory-mapped initializers handed to ORT without a copy; kept alive with the session

@@ -110,7 +110,9 @@ class SampleStore:
         self.files = 0
 
     def put(self, sample: int, name: str, value: np.ndarray) -> None:
-        value = np.array(value, copy=True)  # never a view into a feed's batch array or a runtime's buffer
+        value = np.asarray(value)
+        if value.base is not None:  # never a view into a feed's batch array or a runtime's buffer
+            value = value.copy()
         if self.in_memory + value.nbytes > self.budget:
             if self.folder is None:
                 self.folder = Path(tempfile.mkdtemp(prefix="edgeq-segments-"))
