@@ -62,6 +62,9 @@ class WeightSpec:
     # "nearest": round each weight on its own; "gptq": choose the integers that minimise each layer's output
     # error on the calibration data (edgeq.rounding; same scales, one more pass over the data)
     rounding: Literal["nearest", "gptq"] = "nearest"
+    # with rounding gptq: subtract each layer's mean output error on the calibration inputs from its bias
+    # (edgeq.rounding.bias_shift; a Conv/Gemm bias, or the constant of the Add after a MatMul)
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 0, f"block_size must be 0 (off) or a positive block length, got {self.block_size}")

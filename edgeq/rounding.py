@@ -155,3 +155,33 @@ def gptq_round(w: np.ndarray, qw: QuantizedWeight, *, op: str, attrs: dict, mome
         return qw, 1.0
     q = _from_rows(op, attrs, new, w.shape).astype(qw.q.dtype)
     return replace(qw, q=q), after / before if before > 0 else 0.0
+
+
+def bias_shift(w: np.ndarray, qw: QuantizedWeight, *, op: str, attrs: dict, moments: LayerMoments) -> np.ndarray | None:
+    """The mean output error ``(Q - W) x̄`` of the quantized weight on the calibration inputs, one value per output
+    channel, for the bias to absorb (empirical bias correction, as in Nagel et al., "Data-Free Quantization").
+
+    Rounding errors of a layer's weights do not average out over its inputs when the inputs have a non-zero mean
+    (post-ReLU activations): every output channel is shifted by a constant. Subtracting that constant is exact on the
+    calibration mean. It is estimated on the samples outside ``moments.holdout`` and returned only when it lowers
+    the output error on the held-out ones; ``None`` when it does not, or when the moments lack the mean."""
+    if moments.total is None or moments.holdout_total is None or not moments.holdout_rows or \
+            moments.rows <= moments.holdout_rows or qw.block_size:
+        return None
+    groups = moments.matrix.shape[0]
+    s_full, z_full = full_params(qw, w.shape)
+    deq = (qw.q.astype(np.float64) - z_full) * s_full
+    diff = _to_rows(op, attrs, deq - np.asarray(w, np.float64), groups)  # (G, R, K)
+    if diff.shape[2] != moments.total.shape[1]:
+        return None
+    fit_rows = moments.rows - moments.holdout_rows
+    mean_fit = (moments.total - moments.holdout_total) / fit_rows  # (G, K)
+    mean_held = moments.holdout_total / moments.holdout_rows
+    shift_fit = np.einsum("grk,gk->gr", diff, mean_fit)
+    shift_held = np.einsum("grk,gk->gr", diff, mean_held)
+    # held-out squared error before: E[(d x)^2]; after subtracting c: E[(d x)^2] - 2 c E[d x] + c^2
+    change = float(np.sum(shift_fit ** 2 - 2 * shift_fit * shift_held))
+    if not change < 0:
+        return None
+    shift = np.einsum("grk,gk->gr", diff, moments.total / moments.rows)
+    return shift.reshape(-1)  # output channels in order (group-major for Conv, columns for MatMul/Gemm)

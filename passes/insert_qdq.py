@@ -7,7 +7,10 @@ Matches: the inputs (and, for whole-graph targets, the outputs) of the ops the p
   input's parameters; the profile's fixed-scale ops (Sigmoid, Tanh) get fixed output parameters.
 * weights: constants become integer initializers + ``DequantizeLinear`` (per-channel on the output-channel axis,
   per-tensor, or blockwise for int4); biases become int32 with ``scale = s_input * s_weight`` when asked (a weight
-  channel whose bias would not fit in 31 bits gets a wider scale instead of a clipped bias).
+  channel whose bias would not fit in 31 bits gets a wider scale instead of a clipped bias). With input moments
+  (``weights.rounding: gptq``) and ``weights.bias_correction``, each layer's mean output error on the calibration
+  inputs, ``(Q - W) x̄``, is subtracted from its bias: the Conv/Gemm bias (one is added when missing) or the constant
+  of the Add after a MatMul (:func:`edgeq.rounding.bias_shift`).
 * whole-graph targets: an op whose only consumer is a Relu/Clip takes that activation's output range, since the
   target fuses the two and quantizes once.
 * ``placement.quantize_outputs_of`` (ort-cpu): those ops' outputs get a Q/DQ pair that every consumer reads, so
@@ -41,7 +44,7 @@ from edgeq.op_tables import (BIAS_INPUTS, MASK_PROPAGATING, NEVER_QUANTIZED, SCA
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 from edgeq.quant_math import (INT_TYPES, activation_params, is_float8, levels, quantize_weight,
                               required_opset, requantize_for_bias)
-from edgeq.rounding import gptq_round, search_block_scales
+from edgeq.rounding import bias_shift, gptq_round, search_block_scales
 
 # Largest int32 bias magnitude written: one bit of headroom for the accumulation it is added to.
 BIAS_LIMIT = 2**30
@@ -454,6 +457,7 @@ class _Rewriter:
         self.moments = moments if profile.weights.rounding == "gptq" else None
         self.gptq_ratios: list[float] = []
         self.weight_cache: dict[tuple, gs.Variable] = {}
+        self.bias_shifts: list[tuple[gs.Node, np.ndarray]] = []
 
     def apply(self, acts: dict[str, ActQuant], weights, params_of):
         tensors = self.graph.tensors()
@@ -463,6 +467,7 @@ class _Rewriter:
         for node, idx, kind in weights:
             if kind == "weight":
                 self._weight(node, idx)
+        weights = list(weights) + self._correct_biases()
         for node, idx, kind in weights:
             if kind == "const":
                 self._const_activation(node, idx)
@@ -559,7 +564,47 @@ class _Rewriter:
         rounded, ratio = self.moments.rounded[key]
         if ratio < 1.0:
             self.gptq_ratios.append(ratio)
+        if self.profile.weights.bias_correction:
+            shift_key = key + ("bias_shift",)
+            if shift_key not in self.moments.rounded:
+                self.moments.rounded[shift_key] = bias_shift(w, rounded, op=node.op, attrs=node.attrs, moments=layer)
+            if self.moments.rounded[shift_key] is not None:
+                self.bias_shifts.append((node, self.moments.rounded[shift_key]))
         return rounded
+
+    def _correct_biases(self) -> list[tuple[gs.Node, int, str]]:
+        """Subtract each layer's mean output error (``bias_shift``) from its bias: the Conv/Gemm bias input (added
+        when missing), or the constant of the Add that is a MatMul's only consumer. Returns the biases this adds,
+        for int32 quantization."""
+        added, corrected = [], 0
+        for node, shift in self.bias_shifts:
+            idx = BIAS_INPUTS.get(node.op)
+            if idx is not None:
+                if len(node.inputs) > idx and node.inputs[idx].name:
+                    target, pos = node, idx
+                elif len(node.inputs) == idx and len(node.outputs) == 1:
+                    zero = gs.Constant(f"{node.name}/bias", np.zeros(shift.size, np.float32))
+                    node.inputs.append(zero)
+                    target, pos = node, idx
+                    if self.profile.weights.bias == "int32":
+                        added.append((node, idx, "bias"))
+                else:
+                    continue
+            else:
+                target, pos = _bias_add(node, shift.size)
+                if target is None:
+                    continue
+            b = const_value(target.inputs[pos])
+            if b is None or b.dtype.kind != "f" or b.size not in (1, shift.size):
+                continue
+            new = b.astype(np.float64).reshape(-1) - shift if b.size == shift.size else float(b.reshape(-1)[0]) - shift
+            shape = b.shape if b.size == shift.size else new.shape
+            target.inputs[pos] = gs.Constant(f"{target.inputs[pos].name}/bias_corrected",
+                                             new.reshape(shape).astype(b.dtype))
+            corrected += 1
+        if corrected:
+            self.result.notes["bias_corrected_layers"] = corrected
+        return added
 
     def _const_activation(self, node: gs.Node, idx: int) -> None:
         t = node.inputs[idx]
@@ -631,6 +676,22 @@ class _Rewriter:
         notes = self.result.notes
         notes["bias_widened_channels"] = notes.get("bias_widened_channels", 0) + int(np.sum(widened[1] != s_w))
         return np.asarray(widened[1], np.float64)
+
+
+def _bias_add(node: gs.Node, channels: int) -> tuple[gs.Node | None, int]:
+    """The Add that is ``node``'s only consumer and adds a constant vector along the last axis (a MatMul's bias),
+    and the index of that constant; ``(None, -1)`` when there is none."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return None, -1
+    add = out.outputs[0]
+    for pos, t in enumerate(add.inputs):
+        if t is out or not has_const_value(t):
+            continue
+        shape = tuple(t.shape or ())
+        if int(np.prod(shape)) == channels and (not shape or shape[-1] == channels):
+            return add, pos
+    return None, -1
 
 
 def erf_gelu_interiors(graph: gs.Graph) -> tuple[set[str], set[str]]:

@@ -12,6 +12,7 @@ Identity/Dropout/Softmax with residual branches and constant subexpressions, ran
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,7 +353,7 @@ def bound_excess(q: onnx.ModelProto, float_model: onnx.ModelProto, feeds: list[d
     return worst
 
 
-def _quantize(rm: RandomModel, target: str, tmp: Path, **kw) -> Path:
+def _quantize(rm: RandomModel, target, tmp: Path, **kw) -> Path:
     src, out = tmp / "float.onnx", tmp / "q.onnx"
     onnx.save(rm.model, str(src))
     api.quantize(src, target=target, calib=rm.feeds, output=out, **kw)
@@ -366,7 +367,10 @@ Q_TARGETS = ["tensorrt", "qnn", "qnn-a16w8", "ort-cpu", "coreml", "tensorrt-int4
 @settings(PROPS, max_examples=30)
 @given(rm=random_models(static=True))
 def test_quantized_error_within_scale_bound(target, rm, tmp_path_factory):
-    q = onnx.load(str(_quantize(rm, target, tmp_path_factory.mktemp("q"), check=False)))
+    # bias correction moves biases on purpose (tests/test_bias_correction.py); the bound is about Q/DQ alone
+    profile = load_profile(target)
+    profile = dataclasses.replace(profile, weights=dataclasses.replace(profile.weights, bias_correction=False))
+    q = onnx.load(str(_quantize(rm, profile, tmp_path_factory.mktemp("q"), check=False)))
     excess = bound_excess(q, rm.model, rm.feeds[:2])
     assert excess <= 0, f"{target}: output error exceeds the scale-derived bound by {excess:.3g}"
 

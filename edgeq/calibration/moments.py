@@ -1,8 +1,10 @@
-"""Second moments of the inputs of weighted layers, for error-compensating weight rounding (GPTQ-style).
+"""First and second moments of the inputs of weighted layers, for error-compensating weight rounding (GPTQ-style)
+and bias correction.
 
 For a layer ``y = W x`` the output error of a quantized weight ``Q`` is ``(Q - W) H (Q - W)ᵀ`` with
 ``H = Σ x xᵀ`` over the calibration rows; :func:`edgeq.rounding.gptq_round` chooses integer weights that minimise
-it. This module measures ``H`` per layer in a streaming pass over the calibration data (float model, ONNX
+it; the mean input ``Σ x / n`` gives the mean output shift ``(Q - W) x̄`` that
+:func:`edgeq.rounding.bias_shift` takes out of the bias. This module measures both per layer in a streaming pass over the calibration data (float model, ONNX
 Runtime CPU): one row per token for MatMul/Gemm, one unfolded receptive field per output position (and group) for
 Conv. Rows are subsampled per sample to bound the cost; the matrices are float64 sums with the row count kept.
 
@@ -37,6 +39,8 @@ class LayerMoments:
     rows: int = 0
     holdout: np.ndarray | None = None  # (groups, K, K), included in matrix
     holdout_rows: int = 0
+    total: np.ndarray | None = None  # (groups, K): Σ x, for the mean input (bias correction)
+    holdout_total: np.ndarray | None = None  # (groups, K), included in total
 
 
 @dataclass
@@ -151,7 +155,8 @@ def collect_moments(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]
     for layer in layers:
         shape = (layer.groups, layer.reduction, layer.reduction)
         result.layers[layer.node.name] = LayerMoments(layer.node.name, layer.node.op_type, np.zeros(shape),
-                                                      holdout=np.zeros(shape))
+                                                      holdout=np.zeros(shape), total=np.zeros(shape[:2]),
+                                                      holdout_total=np.zeros(shape[:2]))
     rng = np.random.default_rng(seed)
 
     def accumulate(sample: int, values: dict[str, np.ndarray]) -> None:
@@ -166,10 +171,13 @@ def collect_moments(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]
             rows = rows.astype(np.float64)  # float32 sums overflow on inputs near its range
             acc = result.layers[layer.node.name]
             product = np.matmul(rows.transpose(0, 2, 1), rows)
+            first = rows.sum(axis=1)
             acc.matrix += product
+            acc.total += first
             acc.rows += rows.shape[1]
             if sample % 2:
                 acc.holdout += product
+                acc.holdout_total += first
                 acc.holdout_rows += rows.shape[1]
 
     result.samples = run_segmented(model, data, inputs, accumulate, progress=progress, total=total)
