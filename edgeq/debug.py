@@ -74,21 +74,31 @@ class ErrorAccumulator:
         return self.cos_sum / self.samples if self.samples else math.nan
 
 
+CLAMPED = "#clamped"  # a pair key ending in this compares both tensors after the clamp in ``clamps``
+
+
 def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterable[dict],
-                    pairs: dict[str, str]) -> dict[str, ErrorAccumulator]:
-    """Error of each candidate tensor (key) against its reference tensor (value) over ``feeds``."""
+                    pairs: dict[str, str], clamps: dict[str, tuple[float, float]] | None = None
+                    ) -> dict[str, ErrorAccumulator]:
+    """Error of each candidate tensor (key) against its reference tensor (value) over ``feeds``. A key
+    ``name + CLAMPED`` with bounds in ``clamps`` compares ``clip(name)`` with ``clip(reference)``."""
     from edgeq.calibration.calibrate import make_session
 
+    clamps = clamps or {}
     ref_names = sorted(set(pairs.values()))
-    cand_names = sorted(pairs)
+    cand_names = sorted({k.removesuffix(CLAMPED) for k in pairs})
     ref_s = make_session(reference, outputs=ref_names, optimize="none")
     cand_s = make_session(candidate, outputs=cand_names, optimize="none")
-    acc = {name: ErrorAccumulator() for name in cand_names}
+    acc = {name: ErrorAccumulator() for name in pairs}
     for feed in feeds:
         ref = dict(zip(ref_names, ref_s.run(ref_names, feed)))
         cand = dict(zip(cand_names, cand_s.run(cand_names, feed)))
-        for name in cand_names:
-            acc[name].update(ref[pairs[name]], cand[name])
+        for key in pairs:
+            r, c = ref[pairs[key]], cand[key.removesuffix(CLAMPED)]
+            if key in clamps:
+                lo, hi = clamps[key]
+                r, c = np.clip(r, lo, hi), np.clip(c, lo, hi)
+            acc[key].update(r, c)
     return acc
 
 
@@ -176,11 +186,11 @@ def debug(reference: str | Path | onnx.ModelProto, candidate: str | Path | onnx.
     feeds = list(itertools.islice(iter(ds), max_samples))
     if not feeds:
         raise EdgeqError("debug data contains no samples")
-    rows, pairs = plan_rows(ref, cand)
+    rows, pairs, clamps = plan_rows(ref, cand)
     if not rows:
         raise EdgeqError("the candidate has no quantized activations or compute-node outputs in common with the "
                          "reference; pass the FP32 model first and the quantized model second")
-    acc = compare_tensors(ref, cand, feeds, pairs)
+    acc = compare_tensors(ref, cand, feeds, pairs, clamps)
     result = _finish(rows, acc, len(feeds), str(reference) if not isinstance(reference, onnx.ModelProto) else
                      "<model>", str(candidate) if not isinstance(candidate, onnx.ModelProto) else "<model>")
     if json_out is not None:
@@ -190,8 +200,10 @@ def debug(reference: str | Path | onnx.ModelProto, candidate: str | Path | onnx.
     return result
 
 
-def plan_rows(ref: onnx.ModelProto, cand: onnx.ModelProto) -> tuple[list[LayerRow], dict[str, str]]:
-    """The rows to compute (candidate topological order) and the candidate -> reference tensor pairs they need."""
+def plan_rows(ref: onnx.ModelProto, cand: onnx.ModelProto
+              ) -> tuple[list[LayerRow], dict[str, str], dict[str, tuple[float, float]]]:
+    """The rows to compute (candidate topological order), the candidate -> reference tensor pairs they need, and
+    the clamps of pairs compared after a clamp (see :func:`compare_tensors`)."""
     ref_tensors = {o for n in ref.graph.node for o in n.output} | {i.name for i in ref.graph.input}
     inits = {i.name for i in cand.graph.initializer}
     producers = {o: n for n in cand.graph.node for o in n.output}
@@ -200,6 +212,7 @@ def plan_rows(ref: onnx.ModelProto, cand: onnx.ModelProto) -> tuple[list[LayerRo
         for t in n.input:
             consumers.setdefault(t, []).append(n)
     pairs: dict[str, str] = {}
+    clamps: dict[str, tuple[float, float]] = {}
     rows: list[LayerRow] = []
 
     def ref_name(t: str) -> str | None:
@@ -220,12 +233,19 @@ def plan_rows(ref: onnx.ModelProto, cand: onnx.ModelProto) -> tuple[list[LayerRo
             if src is None:
                 continue
             users = [c for c in consumers.get(out, []) if c.op_type not in ("QuantizeLinear",)]
+            pre = q.input[0]
+            bounds = None
             if users and all(c.op_type in CLAMPS for c in users) and _clamps_at_zero(q, cand) and \
                     ref_name(users[0].output[0]) is not None:
                 src = ref_name(users[0].output[0])  # a range fused with the clamp after it: the Q/DQ already clamps
+                bounds = _clamp_bounds(users[0], cand)
             pairs[out] = src
-            pre = q.input[0]
-            if ref_name(pre) is not None:
+            if ref_name(pre) is not None and bounds is not None:
+                # the input compared after the same clamp: the clamp removes signal on both sides, which is not
+                # error this Q/DQ adds (a ReLU6's Q/DQ would otherwise look like a several-dB drop)
+                pre = pre + CLAMPED
+                pairs[pre], clamps[pre] = ref_name(q.input[0]), bounds
+            elif ref_name(pre) is not None:
                 pairs[pre] = ref_name(pre)
             rows.append(LayerRow(out, src, "quantized", ", ".join(c.name for c in users[:3]),
                                  "Q/DQ", math.nan, math.nan, math.nan, inputs=[pre] if pre in pairs else []))
@@ -245,7 +265,27 @@ def plan_rows(ref: onnx.ModelProto, cand: onnx.ModelProto) -> tuple[list[LayerRo
                     ins.append(t)
             rows.append(LayerRow(out, pairs[out], "layer", n.name, n.op_type, math.nan, math.nan, math.nan,
                                  inputs=ins))
-    return rows, pairs
+    return rows, pairs, clamps
+
+
+def _clamp_bounds(node: onnx.NodeProto, model: onnx.ModelProto) -> tuple[float, float] | None:
+    """(low, high) of a Relu or of a Clip whose bounds are attributes or constant initializers; None otherwise."""
+    if node.op_type == "Relu":
+        return 0.0, math.inf
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    lo, hi = float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute
+              and n.attribute[0].name == "value"}
+    for idx in (1, 2):
+        if len(node.input) <= idx or not node.input[idx]:
+            continue
+        t = inits.get(node.input[idx]) or consts.get(node.input[idx])
+        if t is None:
+            return None
+        v = float(onnx.numpy_helper.to_array(t).reshape(-1)[0])
+        lo, hi = (v, hi) if idx == 1 else (lo, v)
+    return lo, hi
 
 
 def _clamps_at_zero(q: onnx.NodeProto, model: onnx.ModelProto) -> bool:

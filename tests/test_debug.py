@@ -98,3 +98,19 @@ def test_a_range_fused_with_the_following_relu_is_compared_after_the_relu(tmp_pa
     res = debug(ref, tmp_path / "q.onnx", data=str(calib), max_samples=4)
     row = next(r for r in res.rows if r.tensor == "c1/dequantized")
     assert row.reference_tensor == "r1" and row.sqnr_db > 25.0
+    # its input is compared after the same clamp: the Relu drops signal on both sides, which is no added error
+    assert row.inputs == ["c1#clamped"] and abs(row.drop_db) < 1.0
+
+
+def test_clip_bounds_from_attributes_and_inputs():
+    from onnx import helper
+
+    from edgeq.debug import _clamp_bounds
+
+    c = onnx.numpy_helper.from_array(np.array(6.0, np.float32), "six")
+    graph = helper.make_graph([], "g", [], [], [c])
+    model = helper.make_model(graph)
+    assert _clamp_bounds(helper.make_node("Relu", ["x"], ["y"]), model) == (0.0, np.inf)
+    assert _clamp_bounds(helper.make_node("Clip", ["x", "", "six"], ["y"]), model) == (-np.inf, 6.0)
+    assert _clamp_bounds(helper.make_node("Clip", ["x"], ["y"], min=0.0, max=6.0), model) == (0.0, 6.0)
+    assert _clamp_bounds(helper.make_node("Clip", ["x", "dynamic"], ["y"]), model) is None
