@@ -155,3 +155,16 @@ def test_per_channel_observer_keeps_a_uniform_deterministic_sample_of_rows():
     bad = np.full((1, 3, 8), np.nan, np.float32)
     a.update(bad)
     assert np.isfinite(a.rows).all() and a.rows_seen == 4000
+
+
+def test_entropy_range_of_a_relu_output_is_not_pulled_down_by_its_zeros():
+    """Half the values of a ReLU output are exact zeros (error-free when quantized); they must not drive the KL
+    threshold into the bulk of the distribution. uint8 asymmetric has 256 steps on [0, t], int8 symmetric 128."""
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.normal(0, 1, 400000), 0).astype(np.float32)
+    obs = TensorObserver()
+    obs.update(x)
+    q999 = float(np.quantile(x, 0.999))
+    hi_u8 = obs.range("entropy", levels=256)[1]
+    hi_s8 = obs.range("entropy", levels=256, symmetric=True)[1]
+    assert q999 * 0.9 < hi_u8 <= obs.max and q999 * 0.9 < hi_s8 <= obs.max

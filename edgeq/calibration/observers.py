@@ -116,7 +116,7 @@ class TensorObserver:
         elif method == "percentile":
             lo, hi = self._percentile(percentile, symmetric)
         elif method == "entropy":
-            t = self._entropy_threshold(levels)
+            t = self._entropy_threshold(levels, symmetric)
             lo, hi = max(lo, -t), min(hi, t)
         elif method == "mse":
             lo, hi = self._mse_range(levels, symmetric)
@@ -143,11 +143,17 @@ class TensorObserver:
         i_hi = int(np.searchsorted(cdf, 1.0 - tail))
         return max(self.min, float(edges[i_lo])), min(self.max, float(edges[min(i_hi + 1, NUM_BINS)]))
 
-    def _entropy_threshold(self, levels: int) -> float:
-        """Threshold minimising KL(P || Q) between the clipped and the quantized |x| distribution."""
+    def _entropy_threshold(self, levels: int, symmetric: bool = False) -> float:
+        """Threshold minimising KL(P || Q) between the clipped and the quantized |x| distribution.
+
+        The bin holding zero is given its neighbour's count: after a ReLU it holds a large share of exact zeros,
+        which quantize without error, and would otherwise pull the threshold down until most of the range clips.
+        A non-negative tensor with a zero point at the type's minimum has all ``levels`` steps on ``[0, t]``."""
         half = NUM_BINS // 2
         folded = (self.hist[half:] + self.hist[:half][::-1]).astype(np.float64)
-        target = max(levels // 2, 2)
+        folded[0] = folded[1]
+        unsigned = self.min >= 0 and not symmetric
+        target = max(levels if unsigned else levels // 2, 2)
         amax = max(abs(self.min), abs(self.max))
         width = self.bound / half
         last = max(target, min(half, int(math.ceil(amax / width))))
