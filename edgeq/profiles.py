@@ -22,8 +22,9 @@ import yaml
 
 from edgeq.errors import ProfileError
 
-ActDType = Literal["uint8", "int8", "uint16", "int16", "float8e4m3fn", "float16", "float32"]
-WeightDType = Literal["int8", "uint8", "int4", "uint4", "float8e4m3fn", "float16", "float32"]
+# float16 is not a quantized dtype: float16 models come from the to_fp16 pass (post_passes), with placement none
+ActDType = Literal["uint8", "int8", "uint16", "int16", "float8e4m3fn"]
+WeightDType = Literal["int8", "uint8", "int4", "uint4", "float8e4m3fn"]
 Observer = Literal["minmax", "percentile", "entropy", "mse"]
 
 

@@ -40,6 +40,9 @@ def test_unknown_key_names_key_file_and_valid_keys(tmp_path):
 @pytest.mark.parametrize("text,match", [
     ("activations:\n  symmetric: maybe\n", "true or false"),
     ("activations:\n  dtype: int7\n", "must be one of"),
+    # float dtypes are no Q/DQ dtypes (they crashed insert_qdq); float16 comes from the to_fp16 pass
+    ("extends: ort-cpu\nweights:\n  dtype: float32\n", "weights.dtype must be one of"),
+    ("extends: ort-cpu\nactivations:\n  dtype: float16\n", "activations.dtype must be one of"),
     ("thresholds:\n  min_cosine: high\n", "must be a number"),
     ("placement:\n  ops: Conv\n", "must be a list"),
     ("- a\n- b\n", "must be a YAML mapping"),
