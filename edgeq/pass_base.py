@@ -89,6 +89,7 @@ PASS_MODULES = {
     "clamp_mask_constants": "clamp_mask_constants",
     "to_matmulnbits": "matmul_nbits",
     "to_fp16": "convert_fp16",
+    "quantize_embeddings": "quantize_embeddings",
 }
 
 
