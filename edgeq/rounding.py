@@ -25,6 +25,7 @@ from edgeq.quant_math import INT_TYPES, QuantizedWeight, broadcast_params, is_fl
 # (tens of images), where 0.1 generalises better to held-out data.
 DAMPING = 0.1
 BLOCK = 128
+SHIFT_CHUNK = 1024  # weight rows converted to float64 at once by bias_shift
 
 
 def _to_rows(op: str, attrs: dict, a: np.ndarray, groups: int) -> np.ndarray:
@@ -170,18 +171,24 @@ def bias_shift(w: np.ndarray, qw: QuantizedWeight, *, op: str, attrs: dict, mome
         return None
     groups = moments.matrix.shape[0]
     s_full, z_full = full_params(qw, w.shape)
-    deq = (qw.q.astype(np.float64) - z_full) * s_full
-    diff = _to_rows(op, attrs, deq - np.asarray(w, np.float64), groups)  # (G, R, K)
-    if diff.shape[2] != moments.total.shape[1]:
+    rows_w, rows_q = _to_rows(op, attrs, np.asarray(w), groups), _to_rows(op, attrs, qw.q, groups)
+    rows_s, rows_z = _to_rows(op, attrs, s_full, groups), _to_rows(op, attrs, z_full, groups)
+    if rows_w.shape[2] != moments.total.shape[1]:
         return None
+    means = np.stack([moments.total - moments.holdout_total, moments.holdout_total, moments.total])  # (3, G, K)
+    shifts = np.empty((3,) + rows_w.shape[:2])  # (3, G, R): the shift under the fit, held-out and all means
+    for g in range(groups):
+        for r0 in range(0, rows_w.shape[1], SHIFT_CHUNK):  # float64 a chunk of rows at a time: weights can be GBs
+            r1 = r0 + SHIFT_CHUNK
+            diff = (rows_q[g, r0:r1].astype(np.float64) - rows_z[g, r0:r1]) * rows_s[g, r0:r1] - \
+                rows_w[g, r0:r1].astype(np.float64)
+            shifts[:, g, r0:r1] = np.einsum("rk,mk->mr", diff, means[:, g])
     fit_rows = moments.rows - moments.holdout_rows
-    mean_fit = (moments.total - moments.holdout_total) / fit_rows  # (G, K)
-    mean_held = moments.holdout_total / moments.holdout_rows
-    shift_fit = np.einsum("grk,gk->gr", diff, mean_fit)
-    shift_held = np.einsum("grk,gk->gr", diff, mean_held)
+    shift_fit = shifts[0] / fit_rows
+    shift_held = shifts[1] / moments.holdout_rows
     # held-out squared error before: E[(d x)^2]; after subtracting c: E[(d x)^2] - 2 c E[d x] + c^2
     change = float(np.sum(shift_fit ** 2 - 2 * shift_fit * shift_held))
     if not change < 0:
         return None
-    shift = np.einsum("grk,gk->gr", diff, moments.total / moments.rows)
+    shift = shifts[2] / moments.rows
     return shift.reshape(-1)  # output channels in order (group-major for Conv, columns for MatMul/Gemm)
