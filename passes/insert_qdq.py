@@ -579,6 +579,11 @@ class _Rewriter:
         added, corrected = [], 0
         for node, shift in self.bias_shifts:
             idx = BIAS_INPUTS.get(node.op)
+            if node.op == "Gemm":  # Y = alpha A B + beta C: the product's shift reaches C divided by beta
+                alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+                if beta == 0:
+                    continue
+                shift = shift * (alpha / beta)
             if idx is not None:
                 if len(node.inputs) > idx and node.inputs[idx].name:
                     target, pos = node, idx

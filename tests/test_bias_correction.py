@@ -160,3 +160,21 @@ def test_a_matmul_without_a_bias_is_left_alone(tmp_path):
     notes = next(p["notes"] for p in report["passes"] if p["name"] == "insert_qdq")
     assert notes["bias_corrected_layers"] == 1
     assert [n.op_type for n in fixed.graph.node if n.output[0] == "o"] == ["MatMul"]
+
+
+@pytest.mark.parametrize("alpha, beta, with_c", [(1.0, 1.0, True), (0.5, 2.0, True), (0.5, 2.0, False)])
+def test_gemm_alpha_and_beta_scale_the_correction(tmp_path, alpha, beta, with_c):
+    rng = np.random.default_rng(8)
+    w = rng.normal(0, 0.2, (64, 24)).astype(np.float32)
+    inits = [init("w", w)] + ([init("c", rng.normal(0, 0.1, 24).astype(np.float32))] if with_c else [])
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"] if with_c else ["x", "w"], ["y"], name="fc", alpha=alpha,
+                          beta=beta)],
+        "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 24])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    calib, held_out = _feeds((16, 64), 4, seed=9), _feeds((16, 64), 32, seed=10)
+    plain, _ = _quantize(tmp_path, model, "tensorrt", calib, correct=False, name="plain")
+    fixed, _ = _quantize(tmp_path, model, "tensorrt", calib, correct=True, name="fixed")
+    assert len(next(n for n in fixed.graph.node if n.op_type == "Gemm").input) == 3
+    assert _mean_abs_error(fixed, model, held_out) < 0.5 * _mean_abs_error(plain, model, held_out)
