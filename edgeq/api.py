@@ -340,7 +340,8 @@ def quantization_summary(model: onnx.ModelProto) -> dict:
     from edgeq.inspect import quantized_tensors
 
     q = quantized_tensors(model)
-    compute = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
+    compute = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")
+               or (n.op_type == "MatMulNBits" and n.domain == "com.microsoft")]
     producers = {o: n for n in model.graph.node for o in n.output}
 
     def fed_by_dq(name: str) -> bool:
@@ -348,7 +349,8 @@ def quantization_summary(model: onnx.ModelProto) -> dict:
         return p is not None and p.op_type == "DequantizeLinear"
 
     int8_compute = [n for n in compute if len(n.input) > 1 and fed_by_dq(n.input[0]) and fed_by_dq(n.input[1])]
-    weight_only = [n for n in compute if len(n.input) > 1 and fed_by_dq(n.input[1]) and not fed_by_dq(n.input[0])]
+    weight_only = [n for n in compute if n.op_type == "MatMulNBits" or  # packed int4 weights
+                   (len(n.input) > 1 and fed_by_dq(n.input[1]) and not fed_by_dq(n.input[0]))]
     half = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
     half |= {v.name for v in list(model.graph.value_info) + list(model.graph.output)
              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}

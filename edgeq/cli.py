@@ -58,6 +58,7 @@ def _print_quantize(rep: dict) -> None:
     click.echo(f"quantized {q['compute_ops_quantized']}/{q['compute_ops']} Conv/MatMul/Gemm"
                f"{f' ({frac:.0%})' if frac is not None else ''}, {q['quantize_nodes']} activation Q/DQ, "
                f"{q['dequantize_nodes'] - q['quantize_nodes']} weight DQ"
+               f"{f', {wo} with weight-only int weights' if (wo := q.get('compute_ops_weight_only')) else ''}"
                f"{f', {n16} in float16' if (n16 := q.get('compute_ops_float16')) else ''}; "
                f"{len(rep['skipped'])} skipped (see report)")
     fb = rep.get("fallback")

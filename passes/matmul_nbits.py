@@ -7,7 +7,7 @@ profiles) and ``B`` is a power of two >= 16. Rewrites: one ``MatMulNBits`` node 
 in), scales ``[N * ceil(K/B)]`` and uint8 zero points. Skips (with reason): other bit widths, per-channel or
 per-tensor weights, non-constant weights, a DQ feeding something other than MatMul. Precondition: ``insert_qdq``
 ran with ``weights.block_size``. Numerically exact with respect to the QDQ model (same integers, same scales) up
-to float accumulation order. Targets: ONNX Runtime CPU/GPU (``ort-int4``).
+to float accumulation order. Targets: ONNX Runtime CPU/GPU (``ort-int4``, as a post pass).
 """
 
 from __future__ import annotations

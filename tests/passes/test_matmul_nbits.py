@@ -56,3 +56,26 @@ def test_skips_per_channel_int8_weights():
     result = make_pass("to_matmulnbits").run(graph, PassContext())
     assert result.rewrites == 0 and any("not blockwise 4-bit" in s.reason for s in result.skipped)
     onnx.checker.check_model(to_model(graph, canon))
+
+
+def test_ort_int4_target_packs_every_weight_matmul(tmp_path):
+    """The built-in ort-int4 target: tensorrt-int4's blockwise weights, then MatMulNBits; same outputs as the
+    tensorrt-int4 QDQ model (same integers and scales), counted as weight-only compute ops, legal for its check."""
+    from edgeq import api
+
+    model = make_transformer_block(dim=128)
+    src = tmp_path / "block.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.normal(size=(1, 16, 128)).astype(np.float32)} for _ in range(4)]
+    packed = api.quantize(src, target="ort-int4", calib=feeds, output=tmp_path / "nbits.onnx")
+    qdq = api.quantize(src, target="tensorrt-int4", calib=feeds, output=tmp_path / "qdq.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "nbits.onnx")).graph.node]
+    q = packed.report["quantization"]
+    assert ops.count("MatMulNBits") == 6 and "DequantizeLinear" not in ops
+    assert q["compute_ops_weight_only"] == 6 and q["compute_ops"] == 8  # + the two attention MatMuls
+    assert api.check(tmp_path / "nbits.onnx", target="ort-int4").passed
+    for feed in feeds[:2]:
+        a = make_session(str(tmp_path / "nbits.onnx")).run(None, feed)[0]
+        b = make_session(str(tmp_path / "qdq.onnx")).run(None, feed)[0]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
