@@ -67,13 +67,10 @@ class PrecisionPlan:
 
 def plan_from_overrides(profile, model: onnx.ModelProto) -> PrecisionPlan:
     """The plan a profile's ``overrides`` mean for ``model``; a ``tensor`` override applies to its producer."""
-    producers = {o: n for n in model.graph.node for o in n.output}
     floats, wide = set(), set()
     for ov in profile.overrides:
-        names = {n.name for n in model.graph.node if ov.op_type and n.op_type == ov.op_type}
+        names = {n.name for n in model.graph.node if ov.matches(n.op_type, n.name, n.output)}
         names |= {ov.node} if ov.node else set()
-        if ov.tensor and ov.tensor in producers:
-            names.add(producers[ov.tensor].name)
         if ov.precision in ("float", "fp16"):
             floats |= names
         elif ov.precision in ("int16", "uint16"):

@@ -142,6 +142,11 @@ class Override:
     tensor: str | None = None
     precision: Literal["float", "int16", "uint16", "fp16", "int8", "uint8"] = "float"
 
+    def matches(self, op: str, name: str, outputs: typing.Iterable[str] = ()) -> bool:
+        """Whether this override applies to a node: by op type, by name, or (``tensor``) as the tensor's producer."""
+        return (self.op_type is not None and self.op_type == op) or (self.node is not None and self.node == name) \
+            or (self.tensor is not None and self.tensor in outputs)
+
 
 @dataclass(frozen=True, kw_only=True)
 class TargetProfile:

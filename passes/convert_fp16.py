@@ -78,7 +78,7 @@ class ConvertFloat16Pass(GraphPass):
         plans: dict[int, _Plan] = {}  # by id(node): graphsurgeon nodes are not hashable
         for node in graph.nodes:
             label = f"{node.op} {node.name}"
-            asked = {ov.precision for ov in overrides if ov.op_type == node.op or ov.node == node.name}
+            asked = {ov.precision for ov in overrides if ov.matches(node.op, node.name, [t.name for t in node.outputs])}
             if self.options.scope == "overrides" and "fp16" not in asked:
                 continue
             if "float" in asked:

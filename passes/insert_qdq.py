@@ -105,9 +105,10 @@ class _Planner:
         for node in self.graph.nodes:
             if node.op in self.place.float_ops or node.op in NEVER_QUANTIZED or node.domain not in ("", "ai.onnx", None):
                 out.add(node.name)
-            for ov in self.profile.overrides:
-                if ov.precision in ("float", "fp16") and (ov.op_type == node.op or ov.node == node.name):
-                    out.add(node.name)
+            outputs = [t.name for t in node.outputs]
+            if any(ov.precision in ("float", "fp16") and ov.matches(node.op, node.name, outputs)
+                   for ov in self.profile.overrides):
+                out.add(node.name)
         if self.precision is not None:
             out |= set(self.precision.float_nodes)
         self.float_reasons = self._input_layers(out) if self.place.float_input_layers > 0 else {}
@@ -157,7 +158,7 @@ class _Planner:
         dtype = self.act_spec.dtype
         for ov in self.profile.overrides:
             if node is not None and ov.precision in ("int16", "uint16", "int8", "uint8") and \
-                    (ov.op_type == node.op or ov.node == node.name):
+                    ov.matches(node.op, node.name, [t.name for t in node.outputs]):
                 dtype = ov.precision
         if self.precision is not None and node is not None and node.name in self.precision.wide_nodes:
             dtype = "uint16" if self.act_spec.dtype.startswith("u") else "int16"

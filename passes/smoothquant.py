@@ -292,7 +292,7 @@ def _quantizes_activation(ctx: PassContext, node: gs.Node) -> bool:
         return False
     if place.mode != "all" and node.op not in place.ops:
         return False
-    if any(ov.precision in ("float", "fp16") and (ov.op_type == node.op or ov.node == node.name)
+    if any(ov.precision in ("float", "fp16") and ov.matches(node.op, node.name, [t.name for t in node.outputs])
            for ov in profile.overrides):
         return False
     return ctx.precision is None or node.name not in ctx.precision.float_nodes

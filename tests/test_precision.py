@@ -268,3 +268,25 @@ def test_cli_fallback_task_metric(tmp_path, monkeypatch):
     assert exc.value.code == 0
     fb = json.loads(Path("r.json").read_text())["fallback"]
     assert fb["met"] and fb["float_nodes"] == ["mm0"] and fb["best"]["metric"] >= -0.01
+
+
+def test_a_tensor_override_keeps_its_producer_in_float_when_quantizing(tmp_path):
+    """Overrides by tensor name apply to the tensor's producer in insert_qdq too (they were only resolved by
+    plan_from_overrides, and quantize ignored them)."""
+    from conftest import make_cnn
+
+    from edgeq import api
+    from edgeq.profiles import Override
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "cnn.onnx"
+    onnx.save(make_cnn(with_bn=False), str(src))
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    prof = dataclasses.replace(load_profile("tensorrt"), overrides=(Override(tensor="c2", precision="float"),))
+    api.quantize(src, target=prof, calib=feeds, output=tmp_path / "q.onnx", check=False)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    producers = {o: n for n in q.graph.node for o in n.output}
+    conv2 = next(n for n in q.graph.node if n.name == "conv2")
+    conv1 = next(n for n in q.graph.node if n.name == "conv1")
+    assert all(producers.get(t) is None or producers[t].op_type != "DequantizeLinear" for t in conv2.input)
+    assert producers[conv1.input[1]].op_type == "DequantizeLinear"
