@@ -33,6 +33,7 @@ import onnx_graphsurgeon as gs
 from edgeq.calibration.observers import TensorObserver
 from edgeq.ir import const_value, has_const_value, unique_name
 from edgeq.pass_base import GraphPass, PassContext, PassResult
+from edgeq.quant_math import INT_TYPES, activation_params, levels, quantize_array, quantize_weight
 from edgeq.passes.fold_channel_scale import (channel_vector, in_channels, input_channel_absmax, scale_inputs,
                                              scale_outputs, set_const, tensor_rank, weight_of)
 
@@ -238,14 +239,12 @@ class SmoothQuantPass(GraphPass):
 
 def _layer_error(rows: np.ndarray, users: list[gs.Node], profile) -> Callable[[np.ndarray], float] | None:
     """The W8A8 output error of the group for smoothing scales ``s``, measured on the calibration rows sampled by
-    the observer: per-tensor activation quantization with the profile's dtype, symmetry and observer (its clipping
-    range, computed on the scaled rows), per-output-channel symmetric weights, nearest rounding. None where the
-    profile's formats are not integers."""
+    the observer: per-tensor activation quantization as insert_qdq writes it (the profile's dtype, symmetry and
+    observer, whose clipping range is computed on the scaled rows), per-output-channel symmetric int8 weights,
+    nearest rounding. None where the profile's formats are not integers."""
     spec_a = profile.activations if profile is not None else None
-    bits = {"int8": 8, "uint8": 8, "int16": 16, "uint16": 16}
-    if spec_a is None or spec_a.dtype not in bits or profile.weights.dtype != "int8":
+    if spec_a is None or spec_a.dtype not in INT_TYPES or profile.weights.dtype != "int8":
         return None
-    levels, symmetric = 2 ** bits[spec_a.dtype] - 1, spec_a.symmetric or spec_a.dtype.startswith("int")
     x = rows.astype(np.float64)
     mats = []
     for u in users:
@@ -257,20 +256,14 @@ def _layer_error(rows: np.ndarray, users: list[gs.Node], profile) -> Callable[[n
         xs = x / s
         obs = TensorObserver()  # the clipping range the profile's observer would choose for these values
         obs.update(xs.astype(np.float32))
-        lo, hi = obs.range(spec_a.observer, percentile=spec_a.percentile, symmetric=symmetric, levels=levels + 1)
-        if symmetric:
-            step = max(hi, 1e-30) / (levels // 2)
-            xq = np.clip(np.round(xs / step), -(levels // 2), levels // 2) * step
-        else:
-            step = max(hi - lo, 1e-30) / levels
-            zero = np.round(-lo / step)
-            xq = (np.clip(np.round(xs / step) + zero, 0, levels) - zero) * step
+        lo, hi = obs.range(spec_a.observer, percentile=spec_a.percentile, symmetric=spec_a.symmetric,
+                           levels=levels(spec_a.dtype))
+        scale, zp = activation_params(lo, hi, spec_a.dtype, symmetric=spec_a.symmetric, min_range=spec_a.min_real_range)
+        xq = (quantize_array(xs, scale, zp, spec_a.dtype).astype(np.float64) - zp) * float(scale)
         total = 0.0
         for w, ref in zip(mats, refs):
-            ws = w * s[:, None]
-            wstep = np.abs(ws).max(axis=0) / 127.0
-            wstep[wstep == 0] = 1.0
-            total += float(((xq @ (np.round(ws / wstep) * wstep) - ref) ** 2).sum())
+            wq = quantize_weight(w * s[:, None], "int8", axis=1).dequantize().astype(np.float64)
+            total += float(((xq @ wq - ref) ** 2).sum())
         return total
 
     return error
