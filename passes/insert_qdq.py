@@ -553,7 +553,8 @@ class _Rewriter:
         node.inputs[idx] = self.weight_cache[key]
 
     def _round_for_layer(self, node: gs.Node, t: gs.Tensor, w: np.ndarray, qw):
-        """Error-compensating rounding (weights.rounding: gptq) where the layer's input moments were measured."""
+        """Error-compensating rounding (weights.rounding: gptq) where the layer's input moments were measured; with
+        ``weights.bias_correction`` it also records the layer's mean output shift for :meth:`_correct_biases`."""
         layer = self.moments.get(node.name) if self.moments is not None else None
         if layer is None or len(t.outputs) != 1 or layer.op != node.op:
             return qw
@@ -603,10 +604,9 @@ class _Rewriter:
             b = const_value(target.inputs[pos])
             if b is None or b.dtype.kind != "f" or b.size not in (1, shift.size):
                 continue
-            new = b.astype(np.float64).reshape(-1) - shift if b.size == shift.size else float(b.reshape(-1)[0]) - shift
-            shape = b.shape if b.size == shift.size else new.shape
+            new = b.astype(np.float64).reshape(-1) - shift  # a scalar bias broadcasts to one value per channel
             target.inputs[pos] = gs.Constant(f"{target.inputs[pos].name}/bias_corrected",
-                                             new.reshape(shape).astype(b.dtype))
+                                             new.reshape(b.shape if b.size == shift.size else -1).astype(b.dtype))
             corrected += 1
         if corrected:
             self.result.notes["bias_corrected_layers"] = corrected

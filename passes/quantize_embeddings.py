@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from edgeq.ir import const_value
 from edgeq.pass_base import GraphPass, PassContext, PassResult
+from edgeq.quant_math import quantize_weight
 
 
 class QuantizeEmbeddingsPass(GraphPass):
@@ -85,7 +87,7 @@ class QuantizeEmbeddingsPass(GraphPass):
                 scales = gs.Variable(f"{out.name}/row_scales", dtype=w.dtype)
                 g.inputs[0] = q_const
                 g.outputs[0] = rows_q
-                graph.nodes.append(gs.Node("Cast", f"{g.name}/Cast", attrs={"to": _onnx_dtype(w.dtype)},
+                graph.nodes.append(gs.Node("Cast", f"{g.name}/Cast", attrs={"to": helper.np_dtype_to_tensor_dtype(w.dtype)},
                                            inputs=[rows_q], outputs=[rows_f]))
                 graph.nodes.append(gs.Node("Gather", f"{g.name}/scales", attrs={"axis": 0},
                                            inputs=[s_const, idx], outputs=[scales]))
@@ -119,18 +121,9 @@ def quantize_table(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     best = None
     for alpha in COLUMN_EXPONENTS:
         cols = np.where(col_amax > 0, col_amax, 1.0) ** alpha if alpha else np.ones(rows.shape[1])
-        v = rows / cols
-        amax = np.abs(v).max(axis=1)
-        scale = np.where(amax > 0, amax / 127.0, 1.0)
-        q = np.clip(np.round(v / scale[:, None]), -127, 127)
-        noise = float(np.sum((q * scale[:, None] * cols - rows) ** 2))
+        qw = quantize_weight(rows / cols, "int8", axis=0)  # symmetric, one scale per row
+        noise = float(np.sum((qw.dequantize() * cols - rows) ** 2))
         sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
         if best is None or sqnr > best[3]:
-            best = (q.astype(np.int8).reshape(w.shape), scale, cols if alpha else None, sqnr)
+            best = (qw.q.reshape(w.shape), qw.scale.astype(np.float64), cols if alpha else None, sqnr)
     return best
-
-
-def _onnx_dtype(dtype: np.dtype) -> int:
-    from onnx import helper
-
-    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
