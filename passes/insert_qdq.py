@@ -245,6 +245,11 @@ class _Planner:
                 for consumer in t.outputs:
                     if consumer.op in ("QuantizeLinear", "DequantizeLinear"):
                         continue
+                    if mode != "all" and consumer.name in self.float_nodes:
+                        # A layer kept in float reads the float value. Reading the DequantizeLinear would make
+                        # DQ -> Conv/Gemm -> (Relu/Clip) -> Q, which ONNX Runtime's WeightBiasQuantization turns
+                        # into an integer kernel with *per-tensor* int8 weights of its own: worse than quantizing.
+                        continue
                     for idx in data_inputs(consumer.op, len(consumer.inputs)):
                         if consumer.inputs[idx] is t and (consumer, idx) not in q.uses:
                             q.uses.append((consumer, idx))
