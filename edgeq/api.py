@@ -164,10 +164,11 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     calib_stats: CalibrationStats | None = None
     start = time.perf_counter()
     if graph_passes:
-        needs = any(getattr(p, "needs_stats", False) for p in graph_passes)
+        wanted = [p.stats_tensors(canonical) for p in graph_passes if getattr(p, "needs_stats", False)]
+        tensors = None if any(w is None for w in wanted) else sorted(set().union(*wanted))
         pre_stats = None
-        if needs:
-            pre_stats = run_calibration(canonical, calib_hash.stream, total=calib_data.length,
+        if wanted and tensors != []:
+            pre_stats = run_calibration(canonical, calib_hash.stream, total=calib_data.length, tensors=tensors,
                                         per_channel=_channel_tensors(canonical),
                                         progress=progress_printer("calibrating (pre-pass)") if progress else None)
         graph = to_graph(canonical)

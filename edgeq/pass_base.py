@@ -68,6 +68,11 @@ class GraphPass:
     def __init__(self, options: "GraphPass.Options | None" = None):
         self.options = options if options is not None else self.Options()
 
+    def stats_tensors(self, model) -> list[str] | None:
+        """With ``needs_stats``: the tensors of ``model`` (an ``onnx.ModelProto``) whose calibration statistics the
+        pass reads; None means all of them, an empty list that calibration before the pass can be skipped."""
+        return None
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -90,6 +95,8 @@ PASS_MODULES = {
     "to_matmulnbits": "matmul_nbits",
     "to_fp16": "convert_fp16",
     "quantize_embeddings": "quantize_embeddings",
+    "defer_softmax_normalization": "defer_softmax_normalization",
+    "pin_matmul_bias": "pin_matmul_bias",
 }
 
 

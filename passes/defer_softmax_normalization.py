@@ -1,0 +1,114 @@
+"""Defer the normalisation of attention probabilities that would round to zero, so ``P @ V`` can run in INT8.
+
+Matches: ``P = Softmax(S)`` over the last axis whose only consumer is a ``MatMul`` reading ``P`` as its left input
+(attention probabilities times values), where ``P`` would mostly round to zero in the profile's activation format:
+more of its calibrated magnitude than ``activations.max_underflow`` lies below half a step (the rule by which
+``insert_qdq`` would keep that MatMul in float). Softmax rows over many keys (Whisper's 1500 audio frames) hold
+values near ``1/1500``, under half a uint8 step of ``1/255``.
+Rewrites: ``m = ReduceMax(P, axis=-1, keepdims)``, ``E = P / m``, ``Y = MatMul(E, V) * m``. Each row of ``E`` has
+its largest value at exactly 1, so a flat row uses the whole quantization range instead of its bottom step; the
+per-row factor ``m`` is applied to the MatMul's (float) output, where it costs nothing in precision.
+Preconditions: the Softmax axis is the last axis (known rank, or ``axis=-1``); per-tensor statistics of ``P``
+(the pipeline gathers them before the pass because ``needs_stats`` is set; without them every match is rewritten).
+Numerically exact in float (one division and one multiplication per element, ~1e-7 relative).
+Cost: a reduction and a division over ``P`` (about 8 ms per 6x1500x1500 attention on two CPU cores), paid only
+where the MatMul would otherwise stay float.
+Skips (with a reason): probabilities that quantize well as they are, a Softmax not over the last axis, a
+probability tensor read by anything but one MatMul (or a graph output).
+Targets: ``ort-cpu`` (Q/DQ on MatMul inputs only, so ``E`` is quantized and ``P`` is not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgeq.ir import opset, unique_name
+from edgeq.pass_base import GraphPass, PassContext, PassResult
+from edgeq.passes.insert_qdq import flushed_fraction
+from edgeq.quant_math import INT_TYPES, activation_params, levels
+
+
+class DeferSoftmaxNormalizationPass(GraphPass):
+    name = "defer_softmax_normalization"
+    needs_stats = True
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        # rewrite every match, whether or not its probabilities would round to zero
+        always: bool = False
+
+    def stats_tensors(self, model) -> list[str]:
+        return [] if self.options.always else [n.output[0] for n in model.graph.node if n.op_type == "Softmax"]
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        flushed: dict[str, float] = {}
+        for sm in [n for n in graph.nodes if n.op == "Softmax"]:
+            label = f"Softmax {sm.name}"
+            p = sm.outputs[0]
+            users = list(p.outputs)
+            if p in graph.outputs or len(users) != 1 or users[0].op != "MatMul" or users[0].inputs[0] is not p \
+                    or users[0].inputs[1] is p:
+                self.skip(result, label, "its output is not read by exactly one MatMul as the left input")
+                continue
+            if not _over_last_axis(sm, p, opset(graph)):
+                self.skip(result, label, "not over the last axis")
+                continue
+            lost = None if self.options.always else _flushed(ctx, p)
+            if lost is not None and not lost > ctx.profile.activations.max_underflow:
+                self.skip(result, label, f"{lost:.0%} of its magnitude would round to zero (at most "
+                                         f"activations.max_underflow {ctx.profile.activations.max_underflow:g}); "
+                                         f"it quantizes as it is")
+                continue
+            self._rewrite(graph, p, users[0])
+            if lost is not None:
+                flushed[sm.name] = round(lost, 3)
+            result.rewrites += 1
+        result.changed = result.rewrites > 0
+        result.notes["flushed_before"] = flushed
+        return result
+
+    @staticmethod
+    def _rewrite(graph: gs.Graph, p: gs.Variable, matmul: gs.Node) -> None:
+        rank = len(p.shape) if p.shape is not None else None
+        row_shape = list(p.shape[:-1]) + [1] if rank else None
+        rowmax = gs.Variable(unique_name(graph, f"{p.name}/rowmax"), dtype=p.dtype, shape=row_shape)
+        if opset(graph) >= 18:
+            axes = gs.Constant(unique_name(graph, f"{p.name}/axes"), np.array([-1], np.int64))
+            graph.nodes.append(gs.Node("ReduceMax", unique_name(graph, f"{p.name}/RowMax"), attrs={"keepdims": 1},
+                                       inputs=[p, axes], outputs=[rowmax]))
+        else:
+            graph.nodes.append(gs.Node("ReduceMax", unique_name(graph, f"{p.name}/RowMax"),
+                                       attrs={"axes": [-1], "keepdims": 1}, inputs=[p], outputs=[rowmax]))
+        scaled = gs.Variable(unique_name(graph, f"{p.name}/row_scaled"), dtype=p.dtype, shape=p.shape)
+        graph.nodes.append(gs.Node("Div", unique_name(graph, f"{p.name}/RowScale"), inputs=[p, rowmax],
+                                   outputs=[scaled]))
+        y = matmul.outputs[0]
+        unscaled = gs.Variable(unique_name(graph, f"{y.name}/row_scaled"), dtype=y.dtype, shape=y.shape)
+        matmul.inputs[0] = scaled
+        matmul.outputs[0] = unscaled
+        graph.nodes.append(gs.Node("Mul", unique_name(graph, f"{matmul.name}/RowUnscale"), inputs=[unscaled, rowmax],
+                                   outputs=[y]))
+
+
+def _over_last_axis(sm: gs.Node, p: gs.Tensor, graph_opset: int) -> bool:
+    axis = int(sm.attrs.get("axis", -1 if graph_opset >= 13 else 1))
+    if axis == -1:
+        return True
+    rank = len(p.shape) if p.shape is not None else None
+    return rank is not None and axis == rank - 1  # before opset 13 the input is coerced to 2-D at axis: the same
+
+
+def _flushed(ctx: PassContext, p: gs.Tensor) -> float | None:
+    """Share of P's calibrated magnitude that the profile's activation format would round to zero; None without
+    statistics or an integer activation format (the match is then rewritten)."""
+    spec = ctx.profile.activations if ctx.profile is not None else None
+    obs = ctx.stats.get(p.name) if ctx.stats is not None else None
+    if spec is None or obs is None or not obs.count or spec.dtype not in INT_TYPES:
+        return None
+    lo, hi = obs.range(spec.observer, percentile=spec.percentile, symmetric=spec.symmetric, levels=levels(spec.dtype))
+    scale, _ = activation_params(lo, hi, spec.dtype, symmetric=spec.symmetric, min_range=spec.min_real_range)
+    return flushed_fraction(obs, float(scale) / 2)
