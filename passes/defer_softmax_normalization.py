@@ -4,7 +4,9 @@ Matches: ``P = Softmax(S)`` over the last axis whose only consumer is a ``MatMul
 (attention probabilities times values), where ``P`` would mostly round to zero in the profile's activation format:
 more of its calibrated magnitude than ``activations.max_underflow`` lies below half a step (the rule by which
 ``insert_qdq`` would keep that MatMul in float). Softmax rows over many keys (Whisper's 1500 audio frames) hold
-values near ``1/1500``, under half a uint8 step of ``1/255``.
+values near ``1/1500``, under half a uint8 step of ``1/255``. The rows calibration sampled must show that the
+rewrite helps: divided by its maximum, a row may lose at most ``activations.max_underflow`` of its probability
+mass on average (a row with one peak and a long tail of small values loses the tail either way).
 Rewrites: ``m = ReduceMax(P, axis=-1, keepdims)``, ``E = P / m``, ``Y = MatMul(E, V) * m``. Each row of ``E`` has
 its largest value at exactly 1, so a flat row uses the whole quantization range instead of its bottom step; the
 per-row factor ``m`` is applied to the MatMul's (float) output, where it costs nothing in precision.
@@ -13,7 +15,8 @@ Preconditions: the Softmax axis is the last axis (known rank, or ``axis=-1``); p
 Numerically exact in float (one division and one multiplication per element, ~1e-7 relative).
 Cost: a reduction and a division over ``P`` (about 8 ms per 6x1500x1500 attention on two CPU cores), paid only
 where the MatMul would otherwise stay float.
-Skips (with a reason): probabilities that quantize well as they are, a Softmax not over the last axis, a
+Skips (with a reason): probabilities that quantize well as they are, rows whose tail would round to zero even
+after the division, a Softmax not over the last axis, a
 probability tensor read by anything but one MatMul (or a graph output).
 Targets: ``ort-cpu`` (Q/DQ on MatMul inputs only, so ``E`` is quantized and ``P`` is not).
 """
@@ -57,18 +60,26 @@ class DeferSoftmaxNormalizationPass(GraphPass):
             if not _over_last_axis(sm, p, opset(graph)):
                 self.skip(result, label, "not over the last axis")
                 continue
-            lost = None if self.options.always else _flushed(ctx, p)
-            if lost is not None and not lost > ctx.profile.activations.max_underflow:
-                self.skip(result, label, f"{lost:.0%} of its magnitude would round to zero (at most "
-                                         f"activations.max_underflow {ctx.profile.activations.max_underflow:g}); "
-                                         f"it quantizes as it is")
-                continue
+            measured = None if self.options.always else _flushed(ctx, p)
+            if measured is not None:
+                lost, after = measured
+                limit = ctx.profile.activations.max_underflow
+                if not lost > limit:
+                    self.skip(result, label, f"{lost:.0%} of its magnitude would round to zero (at most "
+                                             f"activations.max_underflow {limit:g}); it quantizes as it is")
+                    continue
+                if after is not None and after > limit:
+                    self.skip(result, label, f"{lost:.0%} of its magnitude would round to zero, and divided by "
+                                             f"its row maximum still {after:.0%} of a row's probability mass (a "
+                                             f"peak with a long tail; activations.max_underflow {limit:g}): the "
+                                             f"MatMul stays float")
+                    continue
+                flushed[sm.name] = {"before": round(lost, 3), "row_mass_after": after if after is None
+                                    else round(after, 3)}
             self._rewrite(graph, p, users[0])
-            if lost is not None:
-                flushed[sm.name] = round(lost, 3)
             result.rewrites += 1
         result.changed = result.rewrites > 0
-        result.notes["flushed_before"] = flushed
+        result.notes["flushed"] = flushed
         return result
 
     @staticmethod
@@ -102,13 +113,27 @@ def _over_last_axis(sm: gs.Node, p: gs.Tensor, graph_opset: int) -> bool:
     return rank is not None and axis == rank - 1  # before opset 13 the input is coerced to 2-D at axis: the same
 
 
-def _flushed(ctx: PassContext, p: gs.Tensor) -> float | None:
-    """Share of P's calibrated magnitude that the profile's activation format would round to zero; None without
-    statistics or an integer activation format (the match is then rewritten)."""
+def _flushed(ctx: PassContext, p: gs.Tensor) -> tuple[float, float | None] | None:
+    """Share of P's calibrated magnitude that the profile's activation format would round to zero, and, from the
+    rows of P that calibration sampled, the mean share of each row's probability mass that would still round to
+    zero once the row is divided by its maximum (None without sampled rows). None without statistics or an
+    integer activation format (the match is then rewritten)."""
     spec = ctx.profile.activations if ctx.profile is not None else None
     obs = ctx.stats.get(p.name) if ctx.stats is not None else None
     if spec is None or obs is None or not obs.count or spec.dtype not in INT_TYPES:
         return None
     lo, hi = obs.range(spec.observer, percentile=spec.percentile, symmetric=spec.symmetric, levels=levels(spec.dtype))
     scale, _ = activation_params(lo, hi, spec.dtype, symmetric=spec.symmetric, min_range=spec.min_real_range)
-    return flushed_fraction(obs, float(scale) / 2)
+    rows = getattr(obs, "rows", None)
+    after = None
+    if rows is not None and len(rows):
+        # a row of P / rowmax spans [0, 1]: the step of that range, and the mass below half of it, row by row
+        e_scale, _ = activation_params(0.0, 1.0, spec.dtype, symmetric=spec.symmetric, min_range=spec.min_real_range)
+        r = np.abs(rows.astype(np.float64))
+        peak = r.max(axis=1, keepdims=True)
+        total = r.sum(axis=1)
+        ok = (peak[:, 0] > 0) & (total > 0)
+        if ok.any():
+            lost = np.where(r < peak * float(e_scale) / 2, r, 0.0).sum(axis=1)
+            after = float(np.mean(lost[ok] / total[ok]))
+    return flushed_fraction(obs, float(scale) / 2), after
