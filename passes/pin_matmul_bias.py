@@ -19,8 +19,6 @@ Targets: ``ort-cpu`` and profiles extending it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -29,11 +27,7 @@ from edgeq.pass_base import GraphPass, PassContext, PassResult
 
 
 class PinMatMulBiasPass(GraphPass):
-    name = "pin_matmul_bias"
-
-    @dataclass(frozen=True, kw_only=True)
-    class Options:
-        pass
+    name = "pin_matmul_bias"  # no options (GraphPass.Options)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
