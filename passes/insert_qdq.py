@@ -13,8 +13,8 @@ Matches: the inputs (and, for whole-graph targets, the outputs) of the ops the p
   of the Add after a MatMul (:func:`edgeq.rounding.bias_shift`).
 * whole-graph targets: an op whose only consumer is a Relu/Clip takes that activation's output range, since the
   target fuses the two and quantizes once.
-* ``placement.quantize_outputs_of`` (ort-cpu): those ops' outputs get a Q/DQ pair that every consumer reads, so
-  ONNX Runtime fuses DQ -> op -> Q into an integer kernel; an elementwise op listed there (Add) only where all its
+* ``placement.quantize_outputs_of`` (ort-cpu): those ops' outputs get a Q/DQ pair that every consumer reads (but
+  a layer kept in float, which reads the float value), so ONNX Runtime fuses DQ -> op -> Q into an integer kernel; an elementwise op listed there (Add) only where all its
   inputs are such quantized outputs (a CNN's residual join -> QLinearAdd, not a transformer's residual stream).
 Skips, with a reason per tensor: non-float and shape/index tensors, attention-mask arithmetic with huge constants,
 tensors whose calibrated magnitude exceeds ``activations.max_abs_range``, tensors that would mostly round to zero
