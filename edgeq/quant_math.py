@@ -82,6 +82,14 @@ def activation_params(lo: float, hi: float, dtype: str, *, symmetric: bool,
     return np.float32(scale), zp
 
 
+def observed_params(obs, spec, dtype: str | None = None) -> tuple[np.float32, int]:
+    """Scale and zero point that a profile's activation spec (``observer``, ``percentile``, ``symmetric``,
+    ``min_real_range``) gives a tensor with calibration observer ``obs``, in ``dtype`` (default: the spec's)."""
+    dtype = dtype or spec.dtype
+    lo, hi = obs.range(spec.observer, percentile=spec.percentile, symmetric=spec.symmetric, levels=levels(dtype))
+    return activation_params(lo, hi, dtype, symmetric=spec.symmetric, min_range=spec.min_real_range)
+
+
 def quantize_array(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: str) -> np.ndarray:
     r = INT_TYPES[dtype]
     q = np.clip(np.round(x / scale) + zp, r.qmin, r.qmax)

@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from edgeq.ir import opset, unique_name
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 from edgeq.passes.insert_qdq import flushed_fraction
-from edgeq.quant_math import INT_TYPES, activation_params, levels
+from edgeq.quant_math import INT_TYPES, activation_params, observed_params
 
 
 class DeferSoftmaxNormalizationPass(GraphPass):
@@ -122,8 +122,7 @@ def _flushed(ctx: PassContext, p: gs.Tensor) -> tuple[float, float | None] | Non
     obs = ctx.stats.get(p.name) if ctx.stats is not None else None
     if spec is None or obs is None or not obs.count or spec.dtype not in INT_TYPES:
         return None
-    lo, hi = obs.range(spec.observer, percentile=spec.percentile, symmetric=spec.symmetric, levels=levels(spec.dtype))
-    scale, _ = activation_params(lo, hi, spec.dtype, symmetric=spec.symmetric, min_range=spec.min_real_range)
+    scale, _ = observed_params(obs, spec)
     rows = getattr(obs, "rows", None)
     after = None
     if rows is not None and len(rows):

@@ -42,7 +42,7 @@ from edgeq.ir import const_value, has_const_value, name_nodes, narrow_constant, 
 from edgeq.op_tables import (BIAS_INPUTS, MASK_PROPAGATING, NEVER_QUANTIZED, SCALE_SHARING, WEIGHT_INPUTS,
                              data_inputs, reduction_axis, weight_axis)
 from edgeq.pass_base import GraphPass, PassContext, PassResult
-from edgeq.quant_math import (INT_TYPES, activation_params, is_float8, levels, quantize_weight,
+from edgeq.quant_math import (INT_TYPES, activation_params, is_float8, observed_params, quantize_weight,
                               required_opset, requantize_for_bias)
 from edgeq.rounding import bias_shift, gptq_round, search_block_scales
 
@@ -410,10 +410,7 @@ class _Planner:
             src = self.params_of[prod.inputs[0].name]
             if src.dtype == dtype:
                 return ActQuant(src.scale, src.zero_point, dtype)
-        obs = self.stats.get(self._range_source(t, dtype))
-        symmetric = spec.symmetric
-        lo, hi = obs.range(spec.observer, percentile=spec.percentile, symmetric=symmetric, levels=levels(dtype))
-        scale, zp = activation_params(lo, hi, dtype, symmetric=symmetric, min_range=spec.min_real_range)
+        scale, zp = observed_params(self.stats.get(self._range_source(t, dtype)), spec, dtype)
         return ActQuant(scale, zp, dtype)
 
     def _range_source(self, t: gs.Tensor, dtype: str) -> str:

@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 from edgeq.calibration.observers import TensorObserver
 from edgeq.ir import const_value, has_const_value, unique_name
 from edgeq.pass_base import GraphPass, PassContext, PassResult
-from edgeq.quant_math import INT_TYPES, activation_params, levels, quantize_array, quantize_weight
+from edgeq.quant_math import INT_TYPES, observed_params, quantize_array, quantize_weight
 from edgeq.passes.fold_channel_scale import (channel_vector, in_channels, input_channel_absmax, scale_inputs,
                                              scale_outputs, set_const, tensor_rank, weight_of)
 
@@ -256,9 +256,7 @@ def _layer_error(rows: np.ndarray, users: list[gs.Node], profile) -> Callable[[n
         xs = x / s
         obs = TensorObserver()  # the clipping range the profile's observer would choose for these values
         obs.update(xs.astype(np.float32))
-        lo, hi = obs.range(spec_a.observer, percentile=spec_a.percentile, symmetric=spec_a.symmetric,
-                           levels=levels(spec_a.dtype))
-        scale, zp = activation_params(lo, hi, spec_a.dtype, symmetric=spec_a.symmetric, min_range=spec_a.min_real_range)
+        scale, zp = observed_params(obs, spec_a)
         xq = (quantize_array(xs, scale, zp, spec_a.dtype).astype(np.float64) - zp) * float(scale)
         total = 0.0
         for w, ref in zip(mats, refs):
