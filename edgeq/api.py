@@ -169,7 +169,7 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
         pre_stats = None
         if wanted and tensors != []:
             pre_stats = run_calibration(canonical, calib_hash.stream, total=calib_data.length, tensors=tensors,
-                                        per_channel=_channel_tensors(canonical),
+                                        per_channel=_channel_tensors(canonical, graph_passes, profile),
                                         progress=progress_printer("calibrating (pre-pass)") if progress else None)
         graph = to_graph(canonical)
         manager.run(graph, graph_passes, PassContext(profile=profile, stats=pre_stats, precision=precision_plan))
@@ -312,13 +312,22 @@ def _profile_hash(profile: TargetProfile) -> str:
     return hashlib.sha256(json.dumps(profile.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _channel_tensors(model: onnx.ModelProto) -> list[str]:
-    """Activation inputs of MatMul/Gemm/Conv (SmoothQuant needs their per-channel ranges)."""
+def _channel_tensors(model: onnx.ModelProto, passes=(), profile=None) -> dict[str, int]:
+    """Activation inputs of MatMul/Gemm (channels on the last axis) and of Conv (axis 1), with their channel axis:
+    SmoothQuant and defer_softmax_normalization read their per-channel ranges. A tensor read by both kinds keeps the
+    last axis. Then what each pass asks for besides (``GraphPass.channel_tensors``)."""
     inits = {i.name for i in model.graph.initializer}
-    out = []
+    out: dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type in ("MatMul", "Gemm") and n.input and n.input[0] not in inits:
-            out.append(n.input[0])
+            out[n.input[0]] = -1
+    for n in model.graph.node:
+        if n.op_type == "Conv" and n.input and n.input[0] not in inits:
+            out.setdefault(n.input[0], 1)
+    for p in passes:
+        if getattr(p, "needs_stats", False):
+            for name, axis in p.channel_tensors(model, profile).items():
+                out.setdefault(name, axis)
     return out
 
 

@@ -73,6 +73,11 @@ class GraphPass:
         pass reads; None means all of them, an empty list that calibration before the pass can be skipped."""
         return None
 
+    def channel_tensors(self, model, profile) -> dict[str, int]:
+        """With ``needs_stats``: tensors whose per-channel statistics the pass reads beyond the inputs of
+        MatMul/Gemm/Conv (which are always gathered), mapped to their channel axis."""
+        return {}
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -1,12 +1,15 @@
-"""SmoothQuant: move activation outliers into the weights of the MatMul/Gemm that reads them.
+"""SmoothQuant: move activation outliers into the weights of the MatMul/Gemm/Conv that reads them.
 
-Matches: an activation ``X`` (last axis = K input channels) whose consumers are all MatMul/Gemm nodes reading it as
-their data input with a constant weight (Q/K/V after one LayerNorm form one group). Per channel j,
+Matches: an activation ``X`` whose consumers are all MatMul/Gemm nodes (channels on the last axis) or all Conv
+nodes (channels on axis 1) reading it as their data input with a constant weight (Q/K/V after one LayerNorm form
+one group; the op types are ``ops``). Per channel j,
 ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (``max|W_j|`` over every weight of the group; the calibrated
 ``channel_absmax`` of ``X``), clamped to ``[min_scale, max_scale]``.
 Rewrites: ``X / s`` is folded into X's producer -- LayerNormalization gamma and beta; ``Add(bias)`` after a MatMul,
-Gemm or ``Mul(gamma)`` (decomposed LayerNorm); a MatMul/Gemm's output columns -- or, when there is none, a
-``Mul(X, 1/s)`` is inserted (only where the profile quantizes the consumers' activations). ``s`` is folded into the
+Gemm or ``Mul(gamma)`` (decomposed LayerNorm); a MatMul/Gemm/Conv's output channels -- or, when there is none, a
+``Mul(X, 1/s)`` is inserted (only where the profile quantizes the consumers' activations, and not where the profile
+already quantizes the producer's output: the Mul would add a second rounding of X). A Conv's ``X`` is typically a
+GELU/SiLU output (Whisper's convolutional stem), where a few channels span ten times the range of the median one. ``s`` is folded into the
 rows of every consumer's weight. With ``search_alpha`` each group picks alpha from a small grid (or no smoothing)
 by the group's W8A8 output error measured on the calibration rows the observer sampled (the profile's activation
 format, per-channel int8 weights); without those rows, by a proxy from the statistics alone (per-tensor activation
@@ -34,8 +37,8 @@ from edgeq.calibration.observers import TensorObserver
 from edgeq.ir import const_value, has_const_value, unique_name
 from edgeq.pass_base import GraphPass, PassContext, PassResult
 from edgeq.quant_math import INT_TYPES, observed_params, quantize_array, quantize_weight
-from edgeq.passes.fold_channel_scale import (channel_vector, in_channels, input_channel_absmax, scale_inputs,
-                                             scale_outputs, set_const, tensor_rank, weight_of)
+from edgeq.passes.fold_channel_scale import (channel_vector, in_channels, input_channel_absmax, input_scale_tensor,
+                                             scale_inputs, scale_outputs, set_const, tensor_rank, weight_of)
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -54,6 +57,7 @@ class SmoothQuantPass(GraphPass):
         shared_inputs: bool = True
         min_outlier_ratio: float = 0.0  # smooth only when max/median of the channel abs-max reaches this
         min_error_reduction: float = 1.0  # search_alpha: smooth only when the error falls by at least this factor
+        ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")  # consumer op types whose activation inputs are smoothed
 
         def __post_init__(self):
             if not 0.0 <= self.alpha <= 1.0:
@@ -62,6 +66,9 @@ class SmoothQuantPass(GraphPass):
                 raise ValueError("need 0 < min_scale <= 1 <= max_scale")
             if not self.min_error_reduction >= 1.0:
                 raise ValueError(f"min_error_reduction must be >= 1, got {self.min_error_reduction}")
+            bad = sorted(set(self.ops) - {"MatMul", "Gemm", "Conv"})
+            if bad:
+                raise ValueError(f"ops must be among MatMul, Gemm, Conv; got {', '.join(bad)}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -69,7 +76,7 @@ class SmoothQuantPass(GraphPass):
         gains: dict[str, float] = {}
         groups: dict[str, tuple[gs.Tensor, list[gs.Node]]] = {}
         for node in graph.nodes:
-            if node.op in ("MatMul", "Gemm") and node.inputs and not has_const_value(node.inputs[0]):
+            if node.op in self.options.ops and node.inputs and not has_const_value(node.inputs[0]):
                 x = node.inputs[0]
                 groups.setdefault(x.name, (x, []))[1].append(node)
         for x, nodes in groups.values():
@@ -88,13 +95,18 @@ class SmoothQuantPass(GraphPass):
     # ------------------------------------------------------------------------------------------------------------
     def _smooth(self, graph: gs.Graph, ctx: PassContext, x: gs.Tensor, alphas: dict, gains: dict) -> str | None:
         users, others = [], []
+        # one channel layout per group: Conv reads channels on axis 1, MatMul/Gemm on the last axis
+        conv = any(u.op == "Conv" and u.inputs[0] is x for u in x.outputs) and \
+            not any(u.op in ("MatMul", "Gemm") and u.op in self.options.ops and u.inputs[0] is x for u in x.outputs)
+        kinds = ("Conv",) if conv else ("MatMul", "Gemm")
         for u in x.outputs:
-            linear = u.op in ("MatMul", "Gemm") and u.inputs[0] is x and not any(t is x for t in u.inputs[1:])
+            linear = u.op in kinds and u.op in self.options.ops and u.inputs[0] is x and \
+                not any(t is x for t in u.inputs[1:])
             (users if linear and weight_of(u) is not None else others).append(u)
         if not users:
             u = others[0]
             return f"{u.op} {u.name}: weight is not constant (or not a 2-D float matrix)" \
-                if u.op in ("MatMul", "Gemm") else f"{x.name} is not read by a MatMul/Gemm"
+                if u.op in kinds else f"{x.name} is not read by a {'/'.join(self.options.ops)}"
         shared = bool(others) or x in graph.outputs
         if shared and not (self.options.shared_inputs and self.options.insert_mul):
             what = f"{others[0].op} {others[0].name}" if others else "the graph output"
@@ -103,6 +115,8 @@ class SmoothQuantPass(GraphPass):
             return "the profile does not quantize these activations; smoothing would only make weights harder"
         obs = ctx.stats.get(x.name) if ctx.stats is not None else None
         act = getattr(obs, "channel_absmax", None)
+        if act is not None and getattr(obs, "channel_axis", -1) != (1 if conv else -1):
+            return f"the per-channel statistics of {x.name} are not along its channel axis"
         k = in_channels(users[0], weight_of(users[0]))
         if act is None or act.size == 0:
             return f"no per-channel statistics for {x.name}"
@@ -131,16 +145,23 @@ class SmoothQuantPass(GraphPass):
             alpha = self.options.alpha
             alphas[x.name] = alpha
         s = self._scales(act, w_max, alpha)
+        rank = weight_of(users[0]).ndim if conv else None  # a Conv's data has the rank of its weight
         if shared:  # the other readers keep x; only the linear consumers' branch is scaled
-            self._insert_mul(graph, x, users, 1.0 / s)()
+            requantized = _quantized_producer(ctx, x)
+            if requantized:
+                return requantized
+            self._insert_mul(graph, x, users, 1.0 / s, rank)()
             for u in users:
                 scale_inputs(u, s, graph, "smoothed")
             return None
-        apply = self._producer_fold(graph, x, 1.0 / s)
+        apply = self._producer_fold(graph, x, 1.0 / s, channel_axis=1 if conv else -1)
         if isinstance(apply, str):
-            if not self.options.insert_mul:
+            if not self.options.insert_mul or conv and not x.inputs:
                 return apply
-            apply = self._insert_mul(graph, x, users, 1.0 / s)
+            requantized = _quantized_producer(ctx, x)
+            if requantized:
+                return f"{apply}, and {requantized}"
+            apply = self._insert_mul(graph, x, users, 1.0 / s, rank)
         apply()
         for u in users:
             scale_inputs(u, s, graph, "smoothed")
@@ -159,9 +180,8 @@ class SmoothQuantPass(GraphPass):
             dx = xs.max() / 127.0
             total = 0.0
             for u, w in zip(users, weights):
-                ws = np.abs(w.astype(np.float64)) * _rows(u, w, s)
-                ws = ws if not (u.op == "Gemm" and int(u.attrs.get("transB", 0))) else ws.T  # -> [K, N]
-                dw = ws.max(axis=0) / 127.0
+                ws = _matrix(u, np.abs(w.astype(np.float64)) * input_scale_tensor(u, w, s))  # -> [K, N]
+                dw = _column_steps(u, ws)
                 total += dx**2 * float((ws**2).sum()) + float((dw**2).sum()) * float((xs**2).sum())
             return total
 
@@ -175,12 +195,21 @@ class SmoothQuantPass(GraphPass):
         return best_alpha, plain / best if best > 0 else 1.0
 
     # -- folding 1/s before the consumers ------------------------------------------------------------------------
-    def _producer_fold(self, graph: gs.Graph, x: gs.Tensor, inv: np.ndarray) -> Callable[[], None] | str:
-        """A closure applying ``x <- x * inv`` inside x's producer chain, or the reason it cannot."""
+    def _producer_fold(self, graph: gs.Graph, x: gs.Tensor, inv: np.ndarray, *,
+                       channel_axis: int = -1) -> Callable[[], None] | str:
+        """A closure applying ``x <- x * inv`` (channels on ``channel_axis``) inside x's producer chain, or the
+        reason it cannot."""
         prod = x.inputs[0] if x.inputs else None
+        if prod is None and channel_axis != -1:
+            return f"{x.name} is a graph input: a Conv reading it is a stem the profile may keep in float"
         if prod is None:
             return f"{x.name} is a graph input (no producer to absorb 1/s)"
         k = inv.size
+        if channel_axis != -1:  # a Conv's input: only a producer Conv's output channels are on axis 1
+            if prod.op == "Conv" and weight_of(prod) is not None and \
+                    (len(prod.inputs) < 3 or has_const_value(prod.inputs[2])):
+                return lambda: scale_outputs(prod, inv, graph, "smoothed")
+            return f"producer {prod.op} {prod.name} cannot absorb 1/s"
         if prod.op == "LayerNormalization":
             rank = tensor_rank(x)
             axis = int(prod.attrs.get("axis", -1))
@@ -225,11 +254,14 @@ class SmoothQuantPass(GraphPass):
             return fold_add
         return f"producer {prod.op} {prod.name} cannot absorb 1/s"
 
-    def _insert_mul(self, graph: gs.Graph, x: gs.Tensor, users: list[gs.Node], inv: np.ndarray):
+    def _insert_mul(self, graph: gs.Graph, x: gs.Tensor, users: list[gs.Node], inv: np.ndarray,
+                    rank: int | None = None):
+        """``Mul(x, inv)`` for ``users``; ``rank`` set: channels on axis 1 of a rank-``rank`` tensor (Conv)."""
         dtype = x.dtype if x.dtype is not None else np.float32
+        value = inv.reshape(-1, *([1] * (rank - 2))) if rank is not None else inv
 
         def insert():
-            c = gs.Constant(unique_name(graph, f"{x.name}/smooth_scale"), inv.astype(np.float32))
+            c = gs.Constant(unique_name(graph, f"{x.name}/smooth_scale"), value.astype(np.float32))
             y = gs.Variable(unique_name(graph, f"{x.name}/smoothed"), dtype=dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Mul", unique_name(graph, f"{x.name}/SmoothMul"), inputs=[x, c], outputs=[y]))
             for u in users:
@@ -246,10 +278,9 @@ def _layer_error(rows: np.ndarray, users: list[gs.Node], profile) -> Callable[[n
     if spec_a is None or spec_a.dtype not in INT_TYPES or profile.weights.dtype != "int8":
         return None
     x = rows.astype(np.float64)
-    mats = []
-    for u in users:
-        w = weight_of(u).astype(np.float64)
-        mats.append(w.T if u.op == "Gemm" and int(u.attrs.get("transB", 0)) else w)  # -> [K, N]
+    if any(u.op == "Conv" and int(u.attrs.get("group", 1)) != 1 for u in users):
+        return None  # grouped convolutions: the proxy
+    mats = [_matrix(u, weight_of(u).astype(np.float64)) for u in users]  # [K, N]
     refs = [x @ w for w in mats]
 
     def error(s: np.ndarray) -> float:
@@ -259,18 +290,55 @@ def _layer_error(rows: np.ndarray, users: list[gs.Node], profile) -> Callable[[n
         scale, zp = observed_params(obs, spec_a)
         xq = (quantize_array(xs, scale, zp, spec_a.dtype).astype(np.float64) - zp) * float(scale)
         total = 0.0
-        for w, ref in zip(mats, refs):
-            wq = quantize_weight(w * s[:, None], "int8", axis=1).dequantize().astype(np.float64)
-            total += float(((xq @ wq - ref) ** 2).sum())
+        for u, w, ref in zip(users, mats, refs):
+            total += float(((xq @ _quantized_matrix(u, w * s[:, None]) - ref) ** 2).sum())
         return total
 
     return error
 
 
-def _rows(node: gs.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-        return s.reshape(1, -1)
-    return s.reshape(-1, 1)
+def _matrix(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """The weight as a [K, N] matrix acting on one input row: a Conv's [O, K, taps...] as K x (O * taps), so that
+    each kernel tap's contribution is one column (the sum over positions is left out)."""
+    if node.op == "Conv":
+        return w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 0, 2).reshape(w.shape[1], -1)
+    return w.T if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w
+
+
+def _quantized_matrix(node: gs.Node, m: np.ndarray) -> np.ndarray:
+    """``_matrix`` form of the weight after per-output-channel symmetric int8 quantization (a Conv's output channel
+    spans its taps' columns)."""
+    if node.op != "Conv":
+        return quantize_weight(m, "int8", axis=1).dequantize().astype(np.float64)
+    out = weight_of(node).shape[0]
+    k = m.shape[0]
+    per = m.reshape(k, out, -1)
+    step = np.abs(per).max(axis=(0, 2), keepdims=True) / 127.0
+    step = np.where(step > 0, step, 1.0)
+    return (np.clip(np.round(per / step), -127, 127) * step).reshape(k, -1)
+
+
+def _quantized_producer(ctx: PassContext, x: gs.Tensor) -> str | None:
+    """Why a ``Mul`` must not go in front of ``x``'s readers: the profile quantizes the output of x's producer
+    (directly or through Relu/Clip), so the Mul would add a second rounding; None when it does not."""
+    profile = ctx.profile
+    prod = x.inputs[0] if x.inputs else None
+    if profile is None or prod is None:
+        return None
+    if prod.op in ("Relu", "Clip") and prod.inputs and prod.inputs[0].inputs:
+        prod = prod.inputs[0].inputs[0]
+    if prod.op in profile.placement.quantize_outputs_of:
+        return f"the profile quantizes the output of {prod.op} {prod.name}; a Mul after it would round twice"
+    return None
+
+
+def _column_steps(node: gs.Node, m: np.ndarray) -> np.ndarray:
+    """Per-column int8 step of a ``_matrix``-form weight, each output channel's step repeated over its columns."""
+    if node.op != "Conv":
+        return np.abs(m).max(axis=0) / 127.0
+    out = weight_of(node).shape[0]
+    per = np.abs(m).reshape(m.shape[0], out, -1)
+    return np.broadcast_to(per.max(axis=(0, 2))[:, None] / 127.0, per.shape[1:]).reshape(-1)
 
 
 def _quantizes_activation(ctx: PassContext, node: gs.Node) -> bool:

@@ -127,20 +127,23 @@ def _release_pages(maps) -> None:
 
 
 def calibrate(model: onnx.ModelProto, data: Iterable[dict[str, np.ndarray]], *,
-              tensors: list[str] | None = None, per_channel: Iterable[str] = (),
+              tensors: list[str] | None = None, per_channel: Iterable[str] | dict[str, int] = (),
               progress: Callable[[int, int | None], None] | None = None, total: int | None = None,
               data_fingerprint: str = "") -> CalibrationStats:
-    """Observe ``tensors`` (default: all) of ``model`` over ``data``; returns streaming statistics."""
+    """Observe ``tensors`` (default: all) of ``model`` over ``data``; returns streaming statistics.
+
+    ``per_channel`` names the tensors that also get per-channel statistics, along the last axis, or as a mapping
+    from name to channel axis (1 for a Conv's NCHW input)."""
     from edgeq.calibration.segments import run_segmented
 
     names = tensors if tensors is not None else observable_tensors(model)
-    per_channel = set(per_channel)
+    per_channel = dict(per_channel) if isinstance(per_channel, dict) else {n: -1 for n in per_channel}
     observers: dict[str, TensorObserver] = {}
 
     def observe(_sample: int, values: dict[str, np.ndarray]) -> None:
         for name, value in values.items():
             if name not in observers:
-                observers[name] = TensorObserver(per_channel=name in per_channel)
+                observers[name] = TensorObserver(per_channel=name in per_channel, channel_axis=per_channel.get(name, -1))
             if isinstance(value, np.ndarray):
                 observers[name].update(value)
 

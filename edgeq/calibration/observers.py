@@ -17,17 +17,19 @@ ROW_SAMPLE = 512
 
 
 class TensorObserver:
-    __slots__ = ("min", "max", "hist", "bound", "count", "channel_absmax", "rows", "rows_seen", "_rng", "dtype",
-                 "shape")
+    __slots__ = ("min", "max", "hist", "bound", "count", "channel_absmax", "channel_axis", "rows", "rows_seen",
+                 "_rng", "dtype", "shape")
 
-    def __init__(self, *, per_channel: bool = False):
+    def __init__(self, *, per_channel: bool = False, channel_axis: int = -1):
         self.min = math.inf
         self.max = -math.inf
         self.hist = np.zeros(NUM_BINS, dtype=np.int64)
         self.bound = 0.0  # histogram covers [-bound, bound]
         self.count = 0
         self.channel_absmax: np.ndarray | None = np.zeros(0, np.float32) if per_channel else None
-        # per-channel observers also keep a uniform sample of rows (vectors along the last axis), so that a pass can
+        # the channel axis: -1 for MatMul/Gemm inputs, 1 for Conv inputs (NCHW)
+        self.channel_axis = channel_axis
+        # per-channel observers also keep a uniform sample of rows (vectors along the channel axis), so that a pass can
         # measure a layer's quantization error on real inputs (SmoothQuant's alpha search); not saved with stats
         self.rows: np.ndarray | None = None
         self.rows_seen = 0
@@ -66,6 +68,8 @@ class TensorObserver:
         self.hist += np.bincount(idx, minlength=NUM_BINS)
         self.count += finite.size
         if self.channel_absmax is not None and x.ndim >= 1:
+            if self.channel_axis not in (-1, x.ndim - 1) and -x.ndim <= self.channel_axis < x.ndim:
+                x = np.moveaxis(x, self.channel_axis, -1)
             cmax = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
             cmax[np.isnan(cmax)] = np.inf
             if self.channel_absmax.size != cmax.size:

@@ -14,7 +14,7 @@ from edgeq.calibration.calibrate import calibrate
 from edgeq.ir import to_graph, to_model
 from edgeq.metrics import sqnr_db
 from edgeq.pass_base import PassContext, make_pass
-from edgeq.profiles import PassSpec, load_profile
+from edgeq.profiles import Override, PassSpec, load_profile
 
 T, K, H = 16, 32, 64
 
@@ -230,3 +230,124 @@ def test_min_error_reduction_leaves_groups_whose_measured_gain_is_small():
 
     with pytest.raises(ProfileError, match="min_error_reduction"):
         make_pass("smoothquant", {"min_error_reduction": 0.5})
+
+
+# -- Conv consumers: channels on axis 1 ----------------------------------------------------------------------------
+C0, C1, C2, L = 4, 16, 8, 64
+
+
+def _conv_stem(relu=False):
+    """x [1, 4, 64] -> Conv1d(4->16, k3) -> GELU-like x*sigmoid(1.702x) (or Relu) -> Conv1d(16->8, k3).
+    Three of conv1's output channels are 40x larger than the others and read by conv2 with 40x smaller weights (a
+    trained net's large channels carry no more signal than the rest; Whisper's stem has one at 7x the median)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(C1, C0, 3)) / np.sqrt(3 * C0)
+    w1[[2, 7, 13]] *= 40.0
+    inits = {"w1": w1, "b1": rng.normal(size=C1) * 0.1, "w2": rng.normal(size=(C2, C1, 3)) / np.sqrt(3 * C1),
+             "b2": rng.normal(size=C2) * 0.1, "k": np.array(1.702)}
+    inits["w2"][:, [2, 7, 13]] /= 40.0  # conv2 reads the large channels with small weights: every channel matters
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", pads=[1, 1])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["h"], ["act"], name="relu"))
+    else:
+        nodes += [helper.make_node("Mul", ["h", "k"], ["hk"]), helper.make_node("Sigmoid", ["hk"], ["sg"]),
+                  helper.make_node("Mul", ["h", "sg"], ["act"], name="gelu")]
+    nodes.append(helper.make_node("Conv", ["act", "w2", "b2"], ["y"], name="conv2", pads=[1, 1]))
+    g = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C0, L])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C2, L])],
+                          [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _conv_data(n=8, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(1, C0, L)).astype(np.float32)} for _ in range(n)]
+
+
+def _conv_smooth(m, profile, **opts):
+    g = to_graph(m)
+    stats = calibrate(m, _conv_data(), per_channel={"x": 1, "act": 1})
+    res = make_pass("smoothquant", opts).run(g, PassContext(profile=profile, stats=stats))
+    g.cleanup().toposort()
+    return to_model(g, m), res
+
+
+def test_observer_keeps_per_channel_ranges_along_the_conv_channel_axis():
+    stats = calibrate(_conv_stem(), _conv_data(), per_channel={"act": 1, "x": -1})
+    act, x = stats.get("act"), stats.get("x")
+    assert act.channel_axis == 1 and act.channel_absmax.shape == (C1,)
+    assert set(np.argsort(-act.channel_absmax)[:3]) == {2, 7, 13}
+    assert act.rows.shape[1] == C1
+    assert x.channel_absmax.shape == (L,)  # last axis, as for MatMul inputs
+
+
+def test_conv_input_after_gelu_is_smoothed_through_an_inserted_mul_exactly():
+    m = _conv_stem()
+    out, res = _conv_smooth(m, load_profile("ort-cpu"), search_alpha=True, ops=("Conv",))
+    assert res.rewrites == 1 and res.notes["alpha"]["act"] is not None
+    assert res.notes["error_reduction"]["act"] > 1.5
+    reason = next(s.reason for s in res.skipped if "conv1" in s.target)
+    assert "graph input" in reason  # the stem reading the network input is left to the profile
+    mul = next(n for n in out.graph.node if n.op_type == "Mul" and n.input[0] == "act")
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    inv = inits[mul.input[1]]
+    assert inv.shape == (C1, 1), "channels on axis 1 of the [N, C, L] activation"
+    assert inv[[2, 7, 13], 0].max() < np.delete(inv[:, 0], [2, 7, 13]).min()  # outlier channels divided most
+    conv2 = next(n for n in out.graph.node if n.name == "conv2")
+    assert conv2.input[0] == mul.output[0]
+    w2 = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "w2"))
+    np.testing.assert_allclose(inits[conv2.input[1]] * inv.reshape(1, C1, 1), w2, rtol=1e-5)
+    feeds = _conv_data(3, seed=7)
+    ref = _run(m, feeds)
+    np.testing.assert_allclose(_run(out, feeds), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_conv_smoothing_improves_ort_cpu_fidelity(tmp_path):
+    from edgeq import api
+
+    path = tmp_path / "stem.onnx"
+    onnx.save(_conv_stem(), str(path))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([f["x"] for f in _conv_data(16)]))
+    feeds = _conv_data(8, seed=11)
+    ref = _run(_conv_stem(), feeds)
+    base = load_profile("ort-cpu")
+    spec = PassSpec(name="smoothquant", options={"search_alpha": True, "ops": ("Conv",)})
+    sqnr = {}
+    for label, passes in (("plain", ()), ("smooth", (spec,))):
+        # conv1 in float, as Whisper's stem conv reading the network input is: its output is not requantized
+        prof = dataclasses.replace(base, passes=passes, overrides=(Override(node="conv1", precision="float"),))
+        api.quantize(path, target=prof, calib=str(calib), output=tmp_path / f"{label}.onnx", check=False)
+        q = onnx.load(str(tmp_path / f"{label}.onnx"))
+        conv2 = next(n for n in q.graph.node if n.name == "conv2")
+        assert {n.op_type for n in q.graph.node if n.output[0] in conv2.input[:2]} == {"DequantizeLinear"}
+        sqnr[label] = sqnr_db(ref, _run(q, feeds))
+    assert sqnr["smooth"] > sqnr["plain"] + 3.0, sqnr
+
+
+def test_conv_input_whose_producer_output_is_quantized_is_left_alone():
+    """ort-cpu quantizes every Conv output (QLinearConv): Conv -> Relu -> Mul -> Conv would round the activation
+    twice, so the group is skipped with that reason."""
+    out, res = _conv_smooth(_conv_stem(relu=True), load_profile("ort-cpu"), ops=("Conv",))
+    assert res.rewrites == 0
+    reason = next(s.reason for s in res.skipped if "conv2" in s.target)
+    assert "round twice" in reason and "Conv conv1" in reason
+    assert not any(n.op_type == "Mul" for n in out.graph.node)
+
+
+def test_conv_after_conv_folds_into_the_producer_output_channels():
+    m = _conv_stem(relu=True)
+    m.graph.node.remove(next(n for n in m.graph.node if n.op_type == "Relu"))
+    next(n for n in m.graph.node if n.name == "conv1").output[0] = "act"
+    out, res = _conv_smooth(m, load_profile("ort-cpu"), ops=("Conv",))
+    assert res.rewrites == 1 and not any(n.op_type == "Mul" for n in out.graph.node)
+    feeds = _conv_data(3, seed=4)
+    ref = _run(m, feeds)
+    np.testing.assert_allclose(_run(out, feeds), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_ops_option_is_checked():
+    from edgeq.errors import ProfileError
+
+    with pytest.raises(ProfileError, match="ops must be among"):
+        make_pass("smoothquant", {"ops": ("Conv", "Softmax")})
