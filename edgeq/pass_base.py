@@ -102,6 +102,7 @@ PASS_MODULES = {
     "quantize_embeddings": "quantize_embeddings",
     "defer_softmax_normalization": "defer_softmax_normalization",
     "pin_matmul_bias": "pin_matmul_bias",
+    "equalize_conv_outputs": "equalize_conv_outputs",
 }
 
 
