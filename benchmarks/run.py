@@ -30,7 +30,8 @@ ORT_BEST = {"effnet": "static", "minilm": "dynamic", "whisper": "dynamic", "sile
 # The number each model is judged by, and whether higher is better.
 KEY_METRICS = {"effnet": [("top1_agreement", True)],
                "minilm": [("embedding_cosine", True), ("nn_agreement", True)],
-               "whisper": [("wer_vs_fp32", False), ("token_agreement", True), ("with_past_wer_vs_fp32", False)],
+               "whisper": [("wer_vs_fp32", False), ("token_agreement", True), ("with_past_wer_vs_fp32", False),
+                           ("forced_kl", False), ("with_past_forced_kl", False)],
                "silero": [("frame_agreement", True)]}
 # Roles quantized per model (whisper's decoder_with_past is scored with the KV-cache decoding loop).
 ROLES = {"whisper": ("encoder", "decoder", "decoder_with_past")}

@@ -101,6 +101,12 @@ def evaluate_silero(fp32: Paths, cand: Paths, cache: ModelCache) -> dict[str, fl
     }
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def _token_agreement(references: list[list[int]], hypotheses: list[list[int]]) -> float:
     """Position-wise matches / the longer sequence's length, summed over utterances."""
     matches = sum(sum(a == b for a, b in zip(r, h)) for r, h in zip(references, hypotheses))
@@ -116,7 +122,17 @@ def _whisper_decoder_metrics(decoder_path, ref_decoder, features, ref_features, 
     texts = [tokenizer.decode(h) for h in hypotheses]
     logits_cos = [_cosine(forced_logits(ref_decoder, f, t, config), forced_logits(decoder, f, t, config))
                   for f, t in zip(ref_features, ref_tokens)]
+    # the whole candidate pipeline (its audio features, its decoder), teacher-forced on the FP32 tokens: a
+    # fidelity measure that greedy decoding's flips on a few unsure tokens do not move
+    agree, kl = [], []
+    for f_ref, f_cand, t in zip(ref_features, features, ref_tokens):
+        a = _log_softmax(forced_logits(ref_decoder, f_ref, t, config))
+        b = _log_softmax(forced_logits(decoder, f_cand, t, config))
+        agree.append(a.argmax(-1) == b.argmax(-1))
+        kl.append((np.exp(a) * (a - b)).sum(-1))
     return {
+        "forced_top1_agreement": float(np.mean(np.concatenate(agree))),
+        "forced_kl": float(np.mean(np.concatenate(kl))),
         "wer_vs_fp32": word_error_rate([r["fp32_transcript"] for r in reference], texts),
         "token_agreement": _token_agreement(ref_tokens, hypotheses),
         "exact_match": float(np.mean([h == t for h, t in zip(hypotheses, ref_tokens)])),
@@ -132,7 +148,9 @@ def evaluate_whisper(fp32: Paths, cand: Paths, cache: ModelCache) -> dict[str, f
     wer_vs_fp32: corpus WER of candidate transcripts vs FP32 transcripts; token_agreement: position-wise token
     matches / longer length; exact_match: utterances with identical tokens; encoder_cosine: mean cosine of
     audio_features; decoder_logits_cosine: candidate vs FP32 decoder, teacher-forced on the FP32 tokens with FP32
-    audio features (isolates the decoder). ``decoder_with_past`` candidates decode with the KV cache; when both
+    audio features (isolates the decoder); forced_top1_agreement and forced_kl: the candidate pipeline (its
+    encoder's features into its decoder) teacher-forced on the FP32 tokens, against FP32: top-1 agreement and mean
+    KL(FP32 || candidate) per token position, prompt included. ``decoder_with_past`` candidates decode with the KV cache; when both
     decoder forms are given, the with-past metrics are prefixed ``with_past_``.
     """
     from tokenizers import Tokenizer

@@ -27,3 +27,5 @@ def test_whisper_decoder_with_past_matches_cached_fp32_transcripts():
         pytest.skip("whisper not prepared")
     result = evaluate("whisper", None, {"decoder_with_past": DEFAULT_CACHE / "whisper" / "decoder_with_past.onnx"})
     assert result["wer_vs_fp32"] == 0.0 and result["exact_match"] == 1.0
+    # teacher-forced, the KV-cache decoder stepped one token at a time is the no-cache FP32 decoder
+    assert result["forced_top1_agreement"] == 1.0 and abs(result["forced_kl"]) < 1e-6
