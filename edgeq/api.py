@@ -164,7 +164,7 @@ def quantize(model: str | Path, *, target: str | Path | TargetProfile, calib: An
     calib_stats: CalibrationStats | None = None
     start = time.perf_counter()
     if graph_passes:
-        wanted = [p.stats_tensors(canonical) for p in graph_passes if getattr(p, "needs_stats", False)]
+        wanted = [p.stats_tensors(canonical, profile) for p in graph_passes if getattr(p, "needs_stats", False)]
         tensors = None if any(w is None for w in wanted) else sorted(set().union(*wanted))
         pre_stats = None
         if wanted and tensors != []:

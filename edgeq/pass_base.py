@@ -68,9 +68,10 @@ class GraphPass:
     def __init__(self, options: "GraphPass.Options | None" = None):
         self.options = options if options is not None else self.Options()
 
-    def stats_tensors(self, model) -> list[str] | None:
+    def stats_tensors(self, model, profile=None) -> list[str] | None:
         """With ``needs_stats``: the tensors of ``model`` (an ``onnx.ModelProto``) whose calibration statistics the
-        pass reads; None means all of them, an empty list that calibration before the pass can be skipped."""
+        pass reads under ``profile``; None means all of them, an empty list that calibration before the pass can be
+        skipped."""
         return None
 
     def channel_tensors(self, model, profile) -> dict[str, int]:

@@ -48,7 +48,7 @@ class DeferSoftmaxNormalizationPass(GraphPass):
         # add back the probability mass that rounds to zero, spread as the mean of V (static key length only)
         compensate_mass: bool = True
 
-    def stats_tensors(self, model) -> list[str]:
+    def stats_tensors(self, model, profile=None) -> list[str]:
         return [] if self.options.always else [n.output[0] for n in model.graph.node if n.op_type == "Softmax"]
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

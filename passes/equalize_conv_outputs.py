@@ -51,9 +51,10 @@ class EqualizeConvOutputsPass(GraphPass):
             if not 0.0 < self.min_scale <= 1.0:
                 raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
 
-    def stats_tensors(self, model) -> list[str]:
-        outputs = {o.name for o in model.graph.output}
-        return sorted(n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.output[0] not in outputs)
+    def stats_tensors(self, model, profile=None) -> list[str]:
+        if profile is not None and "Conv" not in profile.placement.quantize_outputs_of:
+            return []
+        return sorted(self.channel_tensors(model, profile))
 
     def channel_tensors(self, model, profile) -> dict[str, int]:
         """Outputs of Conv nodes whose readers are all float ops (per-channel statistics along axis 1)."""

@@ -41,6 +41,7 @@ from edgeq.passes.fold_channel_scale import (channel_vector, in_channels, input_
                                              scale_inputs, scale_outputs, set_const, tensor_rank, weight_of)
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+ERROR_COLUMNS = 2048  # weight columns per step of the measured error (512 sampled rows x 2048 x 8 bytes = 8 MB)
 
 
 class SmoothQuantPass(GraphPass):
@@ -69,6 +70,31 @@ class SmoothQuantPass(GraphPass):
             bad = sorted(set(self.ops) - {"MatMul", "Gemm", "Conv"})
             if bad:
                 raise ValueError(f"ops must be among MatMul, Gemm, Conv; got {', '.join(bad)}")
+
+    def stats_tensors(self, model, profile=None) -> list[str]:
+        """The data inputs of the ``ops`` consumers with constant weights; under a profile, not a Conv input that is a
+        graph input or whose producer's output the profile quantizes (both skipped by the pass)."""
+        inits = {i.name for i in model.graph.initializer}
+        constants = inits | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        inputs = {i.name for i in model.graph.input}
+        fused = set(profile.placement.quantize_outputs_of) if profile is not None else set()
+        out = set()
+        for n in model.graph.node:
+            if n.op_type not in self.options.ops or len(n.input) < 2 or n.input[0] in constants or \
+                    n.input[1] not in constants:
+                continue
+            x = n.input[0]
+            if n.op_type == "Conv" and profile is not None:
+                prod = producer.get(x)
+                if x in inputs or prod is None:
+                    continue
+                if prod.op_type in ("Relu", "Clip") and prod.input and prod.input[0] in producer:
+                    prod = producer[prod.input[0]]
+                if prod.op_type in fused:
+                    continue
+            out.add(x)
+        return sorted(out)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -281,7 +307,6 @@ def _layer_error(rows: np.ndarray, users: list[gs.Node], profile) -> Callable[[n
     if any(u.op == "Conv" and int(u.attrs.get("group", 1)) != 1 for u in users):
         return None  # grouped convolutions: the proxy
     mats = [_matrix(u, weight_of(u).astype(np.float64)) for u in users]  # [K, N]
-    refs = [x @ w for w in mats]
 
     def error(s: np.ndarray) -> float:
         xs = x / s
@@ -290,8 +315,11 @@ def _layer_error(rows: np.ndarray, users: list[gs.Node], profile) -> Callable[[n
         scale, zp = observed_params(obs, spec_a)
         xq = (quantize_array(xs, scale, zp, spec_a.dtype).astype(np.float64) - zp) * float(scale)
         total = 0.0
-        for u, w, ref in zip(users, mats, refs):
-            total += float(((xq @ _quantized_matrix(u, w * s[:, None]) - ref) ** 2).sum())
+        for u, w in zip(users, mats):
+            wq = _quantized_matrix(u, w * s[:, None])
+            for c0 in range(0, w.shape[1], ERROR_COLUMNS):  # bounded memory: a Conv has O x taps columns
+                c1 = c0 + ERROR_COLUMNS
+                total += float(((xq @ wq[:, c0:c1] - x @ w[:, c0:c1]) ** 2).sum())
         return total
 
     return error

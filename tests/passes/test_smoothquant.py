@@ -351,3 +351,13 @@ def test_ops_option_is_checked():
 
     with pytest.raises(ProfileError, match="ops must be among"):
         make_pass("smoothquant", {"ops": ("Conv", "Softmax")})
+
+
+def test_only_the_inputs_it_can_smooth_are_calibrated_before_the_pass():
+    """Under ort-cpu a Conv reading the network input or a quantized Conv output (through Relu) is skipped anyway,
+    so its input is not calibrated before the pass; the GELU-fed Conv's input is."""
+    p = make_pass("smoothquant", {"ops": ("Conv",)})
+    prof = load_profile("ort-cpu")
+    assert p.stats_tensors(_conv_stem(), prof) == ["act"]
+    assert p.stats_tensors(_conv_stem(relu=True), prof) == []
+    assert p.stats_tensors(_conv_stem(relu=True)) == ["act", "x"]  # no profile: every candidate
