@@ -402,7 +402,8 @@ def test_whisper_recipe(tmp_path):
                    if s["pass"] == "insert_qdq")
     assert encoder["validation"]["outputs"][0]["cosine_mean"] > 0.998
     assert decoder["validation"]["outputs"][0]["cosine_mean"] > 0.99  # measured 0.9956 (logits, FP32 inputs)
-    # Measured between 0.074 and 0.149 over the last changes on these 12 held-out utterances (the 5 % target is not
+    # Measured between 0.074 and 0.149 over the last changes on these 12 held-out utterances (0.095 with the stem
+    # smoothed and the flushed attention mass added back, 2026-12-08; the 5 % target is not
     # met; docs/pipelines.md says why): greedy decoding flips a few unsure tokens under any perturbation, so this
     # bound catches a broken pipeline (~1.0), and the fidelity bounds above catch a worse one.
     assert metrics["wer_vs_fp32"] <= 0.20

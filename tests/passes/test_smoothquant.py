@@ -97,22 +97,27 @@ def test_search_alpha_is_exact_and_records_choice():
     np.testing.assert_allclose(_run(out, feeds), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_improves_int8_fidelity_end_to_end(tmp_path):
+def _quantized_sqnr(tmp_path, model, calib, feeds, profile, label):
+    """Quantize ``model`` with ``profile`` on the ``calib`` feeds; the quantized model and its SQNR on ``feeds``."""
     from edgeq import api
 
-    path = tmp_path / "block.onnx"
-    onnx.save(_block(), str(path))
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.concatenate([f["x"] for f in _data(16)]))
-    feeds = _data(8, seed=11)
-    ref = _run(_block(), feeds)
+    path = tmp_path / f"{label}_fp32.onnx"
+    onnx.save(model, str(path))
+    data = tmp_path / f"{label}_calib.npz"
+    np.savez(data, x=np.concatenate([f["x"] for f in calib]))
+    out = tmp_path / f"{label}.onnx"
+    report = api.quantize(path, target=profile, calib=str(data), output=out, check=False).report
+    q = onnx.load(str(out))
+    return q, report, sqnr_db(_run(model, feeds), _run(q, feeds))
+
+
+def test_improves_int8_fidelity_end_to_end(tmp_path):
     base = load_profile("tensorrt")
     sqnr = {}
     for label, passes in (("plain", ()), ("smooth", (PassSpec(name="smoothquant"),))):
-        prof = dataclasses.replace(base, passes=passes)
-        r = api.quantize(path, target=prof, calib=str(calib), output=tmp_path / f"{label}.onnx", check=False)
-        assert r.report["quantization"]["compute_ops_quantized"] == 5
-        sqnr[label] = sqnr_db(ref, _run(onnx.load(str(tmp_path / f"{label}.onnx")), feeds))
+        _, report, sqnr[label] = _quantized_sqnr(tmp_path, _block(), _data(16), _data(8, seed=11),
+                                                 dataclasses.replace(base, passes=passes), label)
+        assert report["quantization"]["compute_ops_quantized"] == 5
     assert sqnr["smooth"] > sqnr["plain"] + 3.0, sqnr
 
 
@@ -303,25 +308,16 @@ def test_conv_input_after_gelu_is_smoothed_through_an_inserted_mul_exactly():
 
 
 def test_conv_smoothing_improves_ort_cpu_fidelity(tmp_path):
-    from edgeq import api
-
-    path = tmp_path / "stem.onnx"
-    onnx.save(_conv_stem(), str(path))
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.concatenate([f["x"] for f in _conv_data(16)]))
-    feeds = _conv_data(8, seed=11)
-    ref = _run(_conv_stem(), feeds)
     base = load_profile("ort-cpu")
     spec = PassSpec(name="smoothquant", options={"search_alpha": True, "ops": ("Conv",)})
     sqnr = {}
     for label, passes in (("plain", ()), ("smooth", (spec,))):
         # conv1 in float, as Whisper's stem conv reading the network input is: its output is not requantized
         prof = dataclasses.replace(base, passes=passes, overrides=(Override(node="conv1", precision="float"),))
-        api.quantize(path, target=prof, calib=str(calib), output=tmp_path / f"{label}.onnx", check=False)
-        q = onnx.load(str(tmp_path / f"{label}.onnx"))
+        q, _, sqnr[label] = _quantized_sqnr(tmp_path, _conv_stem(), _conv_data(16), _conv_data(8, seed=11), prof,
+                                            label)
         conv2 = next(n for n in q.graph.node if n.name == "conv2")
         assert {n.op_type for n in q.graph.node if n.output[0] in conv2.input[:2]} == {"DequantizeLinear"}
-        sqnr[label] = sqnr_db(ref, _run(q, feeds))
     assert sqnr["smooth"] > sqnr["plain"] + 3.0, sqnr
 
 
