@@ -194,11 +194,17 @@ def test_search_measures_each_candidate_on_the_sampled_calibration_rows():
     g = to_graph(m)
     users = [n for n in g.nodes if n.op == "MatMul" and n.inputs[0].name == "ln"]
     profile = load_profile("tensorrt")
-    error = _layer_error(rows, users, profile)
-    act = stats.tensors["ln"].channel_absmax.astype(np.float64)
-    s = np.sqrt(act)  # alpha 0.5 with unit weights: the 40x channels are scaled down
-    assert error(s) < 0.5 * error(np.ones(K)), "outlier channels: smoothing halves the measured W8A8 error"
-    assert _layer_error(rows, users, load_profile("tensorrt-fp8")) is None  # not an integer format: the proxy
+    seen = []
+
+    def scales(channel_max, alpha):  # alpha 0.5 with unit weights: the 40x channels are scaled down
+        seen.append(channel_max)
+        return np.sqrt(channel_max)
+
+    error = _layer_error(rows, users, profile, scales)
+    assert error(0.5) < 0.5 * error(None), "outlier channels: smoothing halves the measured W8A8 error"
+    # the scales come from every second row; the error is measured on the others
+    np.testing.assert_array_equal(seen[0], np.abs(rows[0::2]).max(axis=0))
+    assert _layer_error(rows, users, load_profile("tensorrt-fp8"), scales) is None  # not an integer format
     _, res = _smooth(m, profile=profile, search_alpha=True)
     assert res.notes["alpha"]["ln"] is not None
 
@@ -214,9 +220,9 @@ def test_search_picks_the_alpha_with_the_least_measured_error():
     users = [n for n in g.nodes if n.op == "MatMul" and n.inputs[0].name == "ln"]
     act = stats.tensors["ln"].channel_absmax.astype(np.float64)
     w_max = np.max([input_channel_absmax(u, weight_of(u)) for u in users], axis=0)
-    error = _layer_error(stats.tensors["ln"].rows, users, profile)
     sq = SmoothQuantPass(SmoothQuantPass.Options(search_alpha=True))
-    errors = {None: error(np.ones(K)), **{a: error(sq._scales(act, w_max, a)) for a in ALPHA_GRID}}
+    error = _layer_error(stats.tensors["ln"].rows, users, profile, lambda a, al: sq._scales(a, w_max, al))
+    errors = {None: error(None), **{a: error(a) for a in ALPHA_GRID}}
     _, res = _smooth(m, profile=profile, search_alpha=True)
     assert res.notes["alpha"]["ln"] == min(errors, key=errors.get)
 
@@ -357,3 +363,26 @@ def test_only_the_inputs_it_can_smooth_are_calibrated_before_the_pass():
     assert p.stats_tensors(_conv_stem(), prof) == ["act"]
     assert p.stats_tensors(_conv_stem(relu=True), prof) == []
     assert p.stats_tensors(_conv_stem(relu=True)) == ["act", "x"]  # no profile: every candidate
+
+
+def test_search_rejects_scales_that_held_out_rows_overflow():
+    """Channels that are tiny on half the calibration rows and 30x larger on the other half: scales fitted on the
+    first half would clip the second, so the held-out measure finds no gain there, where fitting and measuring on
+    the same rows reports one."""
+    from edgeq.passes.fold_channel_scale import input_channel_absmax, weight_of
+    from edgeq.passes.smoothquant import SmoothQuantPass, _layer_error
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(256, K))
+    rows[:, [3, 11]] *= 40.0  # steady outliers: smoothing them is right
+    rows[0::2, 5:9] *= 0.02  # unsteady channels: small on the fitted rows, normal on the held-out ones
+    m = _block()
+    g = to_graph(m)
+    users = [n for n in g.nodes if n.op == "MatMul" and n.inputs[0].name == "ln"]
+    w_max = np.max([input_channel_absmax(u, weight_of(u)) for u in users], axis=0)
+    sq = SmoothQuantPass(SmoothQuantPass.Options(search_alpha=True))
+    held = _layer_error(rows, users, load_profile("ort-cpu"), lambda a, al: sq._scales(a, w_max, al))
+    same = _layer_error(rows[0::2].repeat(2, axis=0), users, load_profile("ort-cpu"),
+                        lambda a, al: sq._scales(a, w_max, al))
+    assert same(0.8) < same(None), "measured on the rows it was fitted on, smoothing looks like a gain"
+    assert held(0.8) > held(None), "on held-out rows the unsteady channels overflow their fitted scales"
