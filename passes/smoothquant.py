@@ -141,6 +141,8 @@ class SmoothQuantPass(GraphPass):
             return "the profile does not quantize these activations; smoothing would only make weights harder"
         obs = ctx.stats.get(x.name) if ctx.stats is not None else None
         act = getattr(obs, "channel_absmax", None)
+        if conv and not x.inputs:
+            return f"{x.name} is a graph input: a Conv reading it is a stem the profile may keep in float"
         if act is not None and getattr(obs, "channel_axis", -1) != (1 if conv else -1):
             return f"the per-channel statistics of {x.name} are not along its channel axis"
         k = in_channels(users[0], weight_of(users[0]))
@@ -182,7 +184,7 @@ class SmoothQuantPass(GraphPass):
             return None
         apply = self._producer_fold(graph, x, 1.0 / s, channel_axis=1 if conv else -1)
         if isinstance(apply, str):
-            if not self.options.insert_mul or conv and not x.inputs:
+            if not self.options.insert_mul:
                 return apply
             requantized = _quantized_producer(ctx, x)
             if requantized:
@@ -230,8 +232,6 @@ class SmoothQuantPass(GraphPass):
         """A closure applying ``x <- x * inv`` (channels on ``channel_axis``) inside x's producer chain, or the
         reason it cannot."""
         prod = x.inputs[0] if x.inputs else None
-        if prod is None and channel_axis != -1:
-            return f"{x.name} is a graph input: a Conv reading it is a stem the profile may keep in float"
         if prod is None:
             return f"{x.name} is a graph input (no producer to absorb 1/s)"
         k = inv.size
